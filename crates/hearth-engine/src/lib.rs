@@ -1,0 +1,32 @@
+//! `hearth-engine` turns token ids into token ids: the model architectures on candle, the
+//! KV cache, and the sampler. It knows nothing of HTTP or JSON, and it never opens a
+//! network connection; it reads weights only through `hearth-models`.
+
+pub mod device;
+pub mod generate;
+pub mod kv_cache;
+pub mod llama;
+pub mod sampler;
+
+pub use device::parse_device;
+pub use generate::{FinishReason, GenerationStats, LoadedModel};
+pub use kv_cache::KvCache;
+pub use llama::Llama;
+pub use sampler::{Sampler, SamplingParams};
+
+/// Why the engine could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] hearth_models::ModelError),
+    #[error("cannot load the weights: {0}")]
+    Load(String),
+    #[error("the prompt and output need {needed} tokens but the model's context is {context}")]
+    ContextOverflow { needed: usize, context: usize },
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}

@@ -1,0 +1,379 @@
+//! Choosing the next token from logits: penalties, temperature, top-k, top-p, min-p, and
+//! a seeded random draw (same seed and inputs, same tokens).
+//!
+//! Order, as vLLM applies it: logit bias → repetition penalty (llama.cpp style, divides
+//! positive logits) → frequency/presence penalties (OpenAI style) → temperature →
+//! top-k → top-p → min-p → draw. Temperature 0 is greedy (argmax after penalties).
+
+use std::collections::HashMap;
+
+/// How to sample. Defaults are greedy with no penalties.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// 0.0 = off.
+    pub min_p: f32,
+    /// 1.0 = off.
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// How many recent tokens the penalties look at (0 = all).
+    pub penalty_last_n: usize,
+    /// Added to the logits of these tokens before anything else.
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            penalty_last_n: 64,
+            logit_bias: Vec::new(),
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks ranges; the message names the parameter.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f32| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("{name} must be a finite number"))
+            }
+        };
+        finite("temperature", self.temperature)?;
+        finite("top_p", self.top_p)?;
+        finite("min_p", self.min_p)?;
+        finite("repetition_penalty", self.repetition_penalty)?;
+        finite("frequency_penalty", self.frequency_penalty)?;
+        finite("presence_penalty", self.presence_penalty)?;
+        if !(0.0..=100.0).contains(&self.temperature) {
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if self.repetition_penalty <= 0.0 {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(format!(
+                "frequency_penalty must be in [-2, 2], got {}",
+                self.frequency_penalty
+            ));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(format!(
+                "presence_penalty must be in [-2, 2], got {}",
+                self.presence_penalty
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast, and reproducible everywhere.
+#[derive(Clone, Debug)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Self {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Per-sequence sampling state.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = Rng::new(params.seed);
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token. `history` is every token of the sequence so far (prompt and
+    /// generated); penalties look at its last `penalty_last_n`.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.apply_penalties(logits, history);
+        let p = &self.params;
+        if p.is_greedy() {
+            return argmax(logits);
+        }
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite() || **l == f32::INFINITY)
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
+        if cand.is_empty() {
+            return argmax(logits);
+        }
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.truncate(p.top_k);
+        }
+        // Softmax over the survivors.
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, pr) in probs.iter().enumerate() {
+                acc += pr;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p as f64;
+            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+        }
+        let total: f64 = probs[..keep].iter().sum();
+        let mut r = self.rng.next_f64() * total;
+        for (i, pr) in probs[..keep].iter().enumerate() {
+            if r < *pr {
+                return cand[i].0;
+            }
+            r -= pr;
+        }
+        cand[keep - 1].0
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
+        let p = &self.params;
+        for &(tok, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(tok as usize) {
+                *l += bias;
+            }
+        }
+        let needs =
+            p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+        if !needs || history.is_empty() {
+            return;
+        }
+        let window = if p.penalty_last_n == 0 {
+            history
+        } else {
+            &history[history.len().saturating_sub(p.penalty_last_n)..]
+        };
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in window {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&tok, &n) in &counts {
+            let Some(l) = logits.get_mut(tok as usize) else {
+                continue;
+            };
+            if p.repetition_penalty != 1.0 {
+                if *l > 0.0 {
+                    *l /= p.repetition_penalty;
+                } else {
+                    *l *= p.repetition_penalty;
+                }
+            }
+            *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
+        }
+    }
+}
+
+/// Index of the largest logit; the lowest index wins ties, as in llama.cpp.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// log-softmax of one logit row, for logprobs.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits
+        .iter()
+        .map(|&l| ((l - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
+    logits.iter().map(|&l| l - lse).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &[]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws_different_seed_different_draws() {
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = 1.0;
+                p.seed = seed;
+            }));
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 5.0;
+            p.top_k = 1;
+        }));
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [0.0, 1.0, 0.5, 0.9], &[]), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // probs ~ [0.64, 0.24, 0.09, 0.03]
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        for f in [
+            (|p: &mut SamplingParams| p.top_p = 0.5) as fn(&mut SamplingParams),
+            |p| p.min_p = 0.9,
+        ] {
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = 1.0;
+                f(p);
+            }));
+            for _ in 0..50 {
+                assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
+            }
+        }
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 1.0;
+            p.top_p = 0.7;
+        }));
+        let seen: std::collections::HashSet<u32> = (0..200)
+            .map(|_| s.sample(&mut logits.clone(), &[]))
+            .collect();
+        assert_eq!(seen, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let mut s = Sampler::new(params(|p| p.repetition_penalty = 2.0));
+        // token 0 is 2.0 -> 1.0 after the penalty, token 1 wins.
+        assert_eq!(s.sample(&mut [2.0, 1.5], &[0]), 1);
+        let mut s = Sampler::new(params(|p| p.frequency_penalty = 0.3));
+        assert_eq!(s.sample(&mut [2.0, 1.5], &[0, 0]), 1);
+        let mut s = Sampler::new(params(|p| p.presence_penalty = 0.6));
+        assert_eq!(s.sample(&mut [2.0, 1.5], &[0]), 1);
+        let mut s = Sampler::new(params(|p| p.logit_bias = vec![(1, 1.0)]));
+        assert_eq!(s.sample(&mut [2.0, 1.5], &[]), 1);
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        assert!(params(|p| p.temperature = -1.0)
+            .validate()
+            .unwrap_err()
+            .contains("temperature"));
+        assert!(params(|p| p.top_p = 0.0)
+            .validate()
+            .unwrap_err()
+            .contains("top_p"));
+        assert!(params(|p| p.min_p = 2.0)
+            .validate()
+            .unwrap_err()
+            .contains("min_p"));
+        assert!(params(|p| p.temperature = f32::NAN).validate().is_err());
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+
+    #[test]
+    fn log_softmax_sums_to_one() {
+        let lp = log_softmax(&[1.0, 2.0, 3.0]);
+        let s: f32 = lp.iter().map(|x| x.exp()).sum();
+        assert!((s - 1.0).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,148 @@
+//! `hearth bench`: llama-bench's pp/tg tests on our engine, mean ± sd over repetitions.
+
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use hearth_engine::sampler::Rng;
+
+use crate::ModelArgs;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Output {
+    Md,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens processed in one batch (ppN); 0 skips the test.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens generated one at a time (tgN); 0 skips the test.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Md)]
+    output: Output,
+}
+
+struct Sample {
+    test: String,
+    tokens_per_s: Vec<f64>,
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.repetitions == 0 {
+        anyhow::bail!("--repetitions must be at least 1");
+    }
+    let model = args.model.load()?;
+    let ctx = model.context_length();
+    if args.n_prompt + args.n_gen >= ctx {
+        anyhow::bail!(
+            "-p {} and -n {} do not fit the model's context of {ctx} tokens",
+            args.n_prompt,
+            args.n_gen
+        );
+    }
+    let vocab = model.info.tokenizer.vocab_size() as u64;
+    let mut rng = Rng::new(42);
+    let mut random_tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
+
+    let mut samples = Vec::new();
+    if args.n_prompt > 0 {
+        let tokens = random_tokens(args.n_prompt);
+        // One warm-up pass, as llama-bench does.
+        model.prefill(&tokens, &mut model.model.new_cache())?;
+        let mut tps = Vec::new();
+        for _ in 0..args.repetitions {
+            let mut cache = model.model.new_cache();
+            let t = Instant::now();
+            model.prefill(&tokens, &mut cache)?;
+            tps.push(args.n_prompt as f64 / t.elapsed().as_secs_f64());
+        }
+        samples.push(Sample {
+            test: format!("pp{}", args.n_prompt),
+            tokens_per_s: tps,
+        });
+    }
+    if args.n_gen > 0 {
+        let tokens = random_tokens(args.n_gen);
+        model
+            .model
+            .forward(&tokens[..1], &mut model.model.new_cache())?;
+        let mut tps = Vec::new();
+        for _ in 0..args.repetitions {
+            let mut cache = model.model.new_cache();
+            let t = Instant::now();
+            for tok in &tokens {
+                model.model.forward(std::slice::from_ref(tok), &mut cache)?;
+            }
+            tps.push(args.n_gen as f64 / t.elapsed().as_secs_f64());
+        }
+        samples.push(Sample {
+            test: format!("tg{}", args.n_gen),
+            tokens_per_s: tps,
+        });
+    }
+
+    let info = &model.info;
+    let name = info
+        .config
+        .name
+        .clone()
+        .unwrap_or_else(|| info.config.architecture.name().to_owned());
+    let quant = info
+        .file
+        .tensors
+        .get("blk.0.attn_q.weight")
+        .map_or("?".to_owned(), |t| t.dtype.to_string());
+    let size_mib = info.file.file_size() as f64 / (1024.0 * 1024.0);
+    let params_m = info.config.parameter_count(&info.file) as f64 / 1e6;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
+    let backend = if model.model.device().is_cpu() {
+        "CPU"
+    } else {
+        "GPU"
+    };
+    match args.output {
+        Output::Md => {
+            println!("| model | size | params | backend | threads | test | t/s |");
+            println!("| ----- | ---: | -----: | ------- | ------: | ---: | --: |");
+            for s in &samples {
+                let (m, sd) = mean_sd(&s.tokens_per_s);
+                println!(
+                    "| {name} {quant} | {size_mib:.2} MiB | {params_m:.2} M | {backend} | {threads} | {} | {m:.2} ± {sd:.2} |",
+                    s.test
+                );
+            }
+        }
+        Output::Json => {
+            for s in &samples {
+                let (m, sd) = mean_sd(&s.tokens_per_s);
+                let runs: Vec<String> = s.tokens_per_s.iter().map(|x| format!("{x:.3}")).collect();
+                println!(
+                    "{{\"model\":{name:?},\"quant\":\"{quant}\",\"threads\":{threads},\"test\":\"{}\",\"mean_tps\":{m:.3},\"sd_tps\":{sd:.3},\"runs\":[{}]}}",
+                    s.test,
+                    runs.join(",")
+                );
+            }
+        }
+    }
+    Ok(())
+}

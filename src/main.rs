@@ -1,0 +1,90 @@
+//! `hearth`: the command line. Parses flags into typed configs and hands them to the
+//! library crates; errors become one line on stderr and a non-zero exit.
+
+mod bench;
+mod run;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hearth",
+    version,
+    about = "A local inference server for open-weight language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a continuation of a prompt and stream it to stdout.
+    Run(run::RunArgs),
+    /// Measure prompt processing and generation speed (llama-bench style).
+    Bench(bench::BenchArgs),
+}
+
+/// Flags shared by every command that loads a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A GGUF file, or a model name from models/manifest.json. Default: the default model.
+    #[arg(short = 'm', long = "model", env = "HEARTH_MODEL")]
+    pub model: Option<String>,
+    /// cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "cpu", env = "HEARTH_DEVICE")]
+    pub device: String,
+    /// Compute threads (default: the cores this process may use).
+    #[arg(short = 't', long, env = "HEARTH_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Sizes the compute pool, resolves the model path and loads it.
+    pub fn load(&self) -> anyhow::Result<hearth_engine::LoadedModel> {
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        // candle's CPU kernels size their work by RAYON_NUM_THREADS and run on rayon's
+        // global pool: set both before the first tensor op.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
+        let path = hearth_models::locate::resolve_model(self.model.as_deref())?;
+        let device = hearth_engine::parse_device(&self.device)?;
+        let start = std::time::Instant::now();
+        let model = hearth_engine::LoadedModel::load(&path, &device)?;
+        tracing::info!(
+            path = %path.display(),
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            threads,
+            "model loaded"
+        );
+        Ok(model)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::bench(args),
+    };
+    if let Err(e) = result {
+        // One line: the chain of causes joined with ": ".
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
