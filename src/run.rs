@@ -111,6 +111,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut decoder = IncrementalDecoder::default();
     let mut write_error = None;
     let stats = model.generate(&tokens, params, args.max_tokens, |tok| {
+        // Control tokens are markup, not text (llama.cpp hides them too).
+        if tokenizer.is_control(tok) {
+            return true;
+        }
         let piece = decoder.push(tokenizer.token_bytes(tok));
         match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
             Ok(()) => true,

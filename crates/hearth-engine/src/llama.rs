@@ -1,17 +1,83 @@
 //! The Llama decoder (Llama 1–3, SmolLM, Mistral) over quantized GGUF weights.
 //!
 //! Pre-norm blocks: RMSNorm → grouped-query attention with interleaved RoPE → residual,
-//! RMSNorm → SwiGLU MLP → residual. Matmuls go through candle's quantized kernels, which
-//! quantize the activations once per row (Q8 for the integer dot products).
+//! RMSNorm → SwiGLU MLP → residual.
+//!
+//! On the CPU the whole step runs on `hearth-kernels` over plain buffers, with llama.cpp's
+//! numerics (Q8 activations, f16 KV cache, ggml's expf and summation orders), so greedy
+//! output matches llama.cpp token for token. Other devices run the same graph as candle
+//! tensor ops.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
+use hearth_kernels::attention::{attend, AttentionShape};
+use hearth_kernels::math::{rms_norm, swiglu_in_place};
+use hearth_kernels::matmul::{QFormat, QMatrix};
+use hearth_kernels::rope::{rope_cache, rope_interleaved};
 use hearth_models::{GgmlType, GgufFile, ModelConfig, RopeScaling};
 
 use crate::kv_cache::KvCache;
 use crate::EngineError;
+
+/// A weight matrix applied as `x · Wᵀ`: our own kernels for the formats they cover on the
+/// CPU, candle's quantized matmul for everything else.
+enum Linear {
+    Native(QMatrix),
+    Candle(QMatMul, Arc<QTensor>),
+}
+
+impl Linear {
+    /// `m` rows of input features in, `m` rows of output features out (CPU).
+    fn forward_host(&self, x: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
+        match self {
+            Linear::Native(w) => {
+                let mut out = vec![0f32; m * w.rows()];
+                w.matmul(x, &mut out);
+                Ok(out)
+            }
+            Linear::Candle(q, _) => {
+                let k = x.len() / m;
+                let t = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+                Ok(q.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
+        match self {
+            Linear::Native(w) => {
+                let (m, _) = x.dims2()?;
+                let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let out = self.forward_host(&xs, m)?;
+                Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?)
+            }
+            Linear::Candle(q, _) => Ok(q.forward(x)?),
+        }
+    }
+
+    /// Rows `ids` of the matrix as f32: the embedding lookup.
+    fn rows_host(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
+        match self {
+            Linear::Native(w) => {
+                let k = w.cols();
+                let mut out = vec![0f32; ids.len() * k];
+                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(k)) {
+                    w.dequantize_row(id as usize, o);
+                }
+                Ok(out)
+            }
+            Linear::Candle(_, t) => {
+                let ids = Tensor::new(ids, &t.device())?;
+                Ok(t.embedding(&ids)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            }
+        }
+    }
+}
 
 fn candle_dtype(t: GgmlType) -> GgmlDType {
     match t {
@@ -56,42 +122,67 @@ impl Loader<'_> {
         .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))
     }
 
-    fn matmul(&self, name: &str) -> Result<QMatMul, EngineError> {
-        Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
+    fn linear(&self, name: &str) -> Result<Linear, EngineError> {
+        let info = self
+            .file
+            .tensors
+            .get(name)
+            .ok_or_else(|| EngineError::Load(format!("missing tensor `{name}`")))?;
+        let format = match info.dtype {
+            GgmlType::Q4_0 => Some(QFormat::Q4_0),
+            GgmlType::Q4_1 => Some(QFormat::Q4_1),
+            GgmlType::Q8_0 => Some(QFormat::Q8_0),
+            _ => None,
+        };
+        if let (Some(format), true, &[k, n]) = (format, self.device.is_cpu(), &info.dims[..]) {
+            let w = QMatrix::from_bytes(format, self.file.tensor_data(info), n, k)
+                .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
+            return Ok(Linear::Native(w));
+        }
+        let t = Arc::new(self.qtensor(name)?);
+        Ok(Linear::Candle(QMatMul::from_arc(t.clone())?, t))
     }
 
     /// A small tensor (norm weights, rope factors) dequantized to f32.
-    fn f32(&self, name: &str) -> Result<Tensor, EngineError> {
-        Ok(self
+    fn norm(&self, name: &str) -> Result<Norm, EngineError> {
+        let tensor = self
             .qtensor(name)?
             .dequantize(self.device)?
-            .to_dtype(DType::F32)?)
+            .to_dtype(DType::F32)?;
+        let host = tensor.to_vec1::<f32>()?;
+        Ok(Norm { host, tensor })
     }
 }
 
+/// An RMSNorm weight, kept both as host memory and as a device tensor.
+struct Norm {
+    host: Vec<f32>,
+    tensor: Tensor,
+}
+
 struct Block {
-    attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    attn_norm: Norm,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Norm,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// The loaded decoder.
 pub struct Llama {
     config: ModelConfig,
     device: Device,
-    embeddings: Arc<QTensor>,
+    embeddings: Arc<Linear>,
     blocks: Vec<Block>,
-    output_norm: Tensor,
-    output: QMatMul,
-    /// RoPE tables, (positions, rope_dim / 2).
-    cos: Tensor,
-    sin: Tensor,
+    output_norm: Norm,
+    /// The output projection; the same matrix as `embeddings` when they are tied.
+    output: Arc<Linear>,
+    /// Per-pair rope frequency divisors (`rope_freqs.weight`), when the file has them.
+    rope_factors: Option<Vec<f32>>,
 }
 
 impl Llama {
@@ -101,41 +192,39 @@ impl Llama {
         device: &Device,
     ) -> Result<Self, EngineError> {
         let l = Loader { file, device };
-        let embeddings = Arc::new(l.qtensor("token_embd.weight")?);
+        let embeddings = Arc::new(l.linear("token_embd.weight")?);
         let output = if config.tied_embeddings {
-            QMatMul::from_arc(embeddings.clone())?
+            embeddings.clone()
         } else {
-            l.matmul("output.weight")?
+            Arc::new(l.linear("output.weight")?)
         };
         let mut blocks = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
             blocks.push(Block {
-                attn_norm: l.f32(&p("attn_norm"))?,
-                wq: l.matmul(&p("attn_q"))?,
-                wk: l.matmul(&p("attn_k"))?,
-                wv: l.matmul(&p("attn_v"))?,
-                wo: l.matmul(&p("attn_output"))?,
-                ffn_norm: l.f32(&p("ffn_norm"))?,
-                w_gate: l.matmul(&p("ffn_gate"))?,
-                w_up: l.matmul(&p("ffn_up"))?,
-                w_down: l.matmul(&p("ffn_down"))?,
+                attn_norm: l.norm(&p("attn_norm"))?,
+                wq: l.linear(&p("attn_q"))?,
+                wk: l.linear(&p("attn_k"))?,
+                wv: l.linear(&p("attn_v"))?,
+                wo: l.linear(&p("attn_output"))?,
+                ffn_norm: l.norm(&p("ffn_norm"))?,
+                w_gate: l.linear(&p("ffn_gate"))?,
+                w_up: l.linear(&p("ffn_up"))?,
+                w_down: l.linear(&p("ffn_down"))?,
             });
         }
-        let factors = match config.rope_scaling {
-            RopeScaling::FrequencyFactors => Some(l.f32("rope_freqs.weight")?.to_vec1::<f32>()?),
+        let rope_factors = match config.rope_scaling {
+            RopeScaling::FrequencyFactors => Some(l.norm("rope_freqs.weight")?.host),
             _ => None,
         };
-        let (cos, sin) = rope_tables(config, factors.as_deref(), device)?;
         Ok(Self {
             config: config.clone(),
             device: device.clone(),
             embeddings,
             blocks,
-            output_norm: l.f32("output_norm.weight")?,
+            output_norm: l.norm("output_norm.weight")?,
             output,
-            cos,
-            sin,
+            rope_factors,
         })
     }
 
@@ -182,43 +271,111 @@ impl Llama {
             )));
         }
         let c = &self.config;
+        let positions: Vec<usize> = (pos..pos + seq).collect();
+        let freq_scale = match c.rope_scaling {
+            RopeScaling::Linear { factor } => 1.0 / factor,
+            _ => 1.0,
+        };
+        let rope = rope_cache(
+            &positions,
+            c.rope_dim,
+            c.rope_theta,
+            freq_scale,
+            self.rope_factors.as_deref(),
+        );
+        cache.reserve(pos + seq)?;
+        let logits = if self.device.is_cpu() {
+            self.forward_host(tokens, pos, &rope, cache)?
+        } else {
+            self.forward_device(tokens, pos, &rope, cache)?
+        };
+        cache.commit(pos + seq);
+        Ok(logits)
+    }
+
+    fn forward_host(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        rope: &[(f32, f32)],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, EngineError> {
+        let c = &self.config;
+        let seq = tokens.len();
+        let (nh, nkv, hd, h) = (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
+        let shape = AttentionShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            capacity: cache.capacity(),
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut x = self.embeddings.rows_host(tokens)?;
+        let mut normed = vec![0f32; seq * h];
+        let mut att = vec![0f32; seq * nh * hd];
+        for (layer, b) in self.blocks.iter().enumerate() {
+            rms_norm(&x, &b.attn_norm.host, c.rms_norm_eps, &mut normed);
+            let mut q = b.wq.forward_host(&normed, seq)?;
+            let mut k = b.wk.forward_host(&normed, seq)?;
+            let v = b.wv.forward_host(&normed, seq)?;
+            rope_interleaved(&mut q, nh, hd, c.rope_dim, rope);
+            rope_interleaved(&mut k, nkv, hd, c.rope_dim, rope);
+            let (kc, vc) = cache.append_host(layer, &k, &v)?;
+            attend(&q, seq, pos, kc, vc, shape, scale, &mut att);
+            let o = b.wo.forward_host(&att, seq)?;
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            rms_norm(&x, &b.ffn_norm.host, c.rms_norm_eps, &mut normed);
+            let mut gate = b.w_gate.forward_host(&normed, seq)?;
+            let up = b.w_up.forward_host(&normed, seq)?;
+            swiglu_in_place(&mut gate, &up);
+            let down = b.w_down.forward_host(&gate, seq)?;
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+        let last = &x[(seq - 1) * h..];
+        let mut normed = vec![0f32; h];
+        rms_norm(last, &self.output_norm.host, c.rms_norm_eps, &mut normed);
+        self.output.forward_host(&normed, 1)
+    }
+
+    fn forward_device(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        rope: &[(f32, f32)],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, EngineError> {
+        let c = &self.config;
+        let seq = tokens.len();
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let n_rep = nh / nkv;
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (hd as f64).sqrt();
-
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embeddings.embedding(&ids)?.to_dtype(DType::F32)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
         let total = pos + seq;
+        let x = self.embeddings.rows_host(tokens)?;
+        let mut x = Tensor::from_vec(x, (seq, c.hidden_size), &self.device)?;
         let mask = if seq > 1 {
             Some(causal_mask(seq, pos, &self.device)?)
         } else {
             None
         };
-        cache.reserve(total)?;
-
         for (layer, b) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
-            let q = b.wq.forward(&h)?;
-            let k = b.wk.forward(&h)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm.tensor, eps)?;
+            let q = self.rope_device(&b.wq.forward(&h)?, nh, rope)?;
+            let k = self.rope_device(&b.wk.forward(&h)?, nkv, rope)?;
             let v = b.wv.forward(&h)?;
-            // (seq, heads*hd) -> (1, heads, seq, hd)
-            let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k
-                .reshape((1, seq, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = v.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?;
-            let q = self.rope(&q, &cos, &sin)?;
-            let k = self.rope(&k, &cos, &sin)?.squeeze(0)?;
-            let (k_all, v_all) = cache.append(layer, &k, &v)?; // (nkv, total, hd)
-
-            // Grouped-query attention without copying K/V per query head: the n_rep
-            // query heads that share a KV head become extra rows of one matmul.
+            // (seq, heads*hd) -> (heads, seq, hd)
+            let heads_first = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()
+            };
+            let q = round_f16(&heads_first(q, nh)?)?;
+            let k = heads_first(k, nkv)?;
+            let v = heads_first(v, nkv)?;
+            let (k_all, v_all) = cache.append_device(layer, &k, &v)?; // (nkv, total, hd)
+                                                                      // Grouped-query attention without copying K/V per query head: the n_rep
+                                                                      // query heads that share a KV head become extra rows of one matmul.
             let q = q.reshape((nkv, n_rep * seq, hd))?;
-            let att = (q.matmul(&k_all.t()?)? * scale)?; // (nkv, n_rep*seq, total)
+            let att = (q.matmul(&k_all.t()?)? * scale)?;
             let att = match &mask {
                 Some(m) => att
                     .reshape((nkv, n_rep, seq, total))?
@@ -226,73 +383,58 @@ impl Llama {
                     .reshape((nkv, n_rep * seq, total))?,
                 None => att,
             };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let out = att.matmul(&v_all)?; // (nkv, n_rep*seq, hd)
-            let out = out
+            let att = round_f16(&candle_nn::ops::softmax_last_dim(&att)?)?;
+            let out = att
+                .matmul(&v_all)?
                 .reshape((nh, seq, hd))?
                 .transpose(0, 1)?
                 .reshape((seq, nh * hd))?;
             x = (x + b.wo.forward(&out)?)?;
 
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm.tensor, eps)?;
             let gate = candle_nn::ops::silu(&b.w_gate.forward(&h)?)?;
             let up = b.w_up.forward(&h)?;
             x = (x + b.w_down.forward(&(gate * up)?)?)?;
         }
-        cache.commit(total);
-
         let last = x.narrow(0, seq - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.output_norm, eps)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.output_norm.tensor, eps)?;
         let logits = self.output.forward(&last)?.squeeze(0)?;
         Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, EngineError> {
-        let rd = self.config.rope_dim;
-        if rd == self.config.head_dim {
-            return Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?);
-        }
-        let rot = x.narrow(D::Minus1, 0, rd)?.contiguous()?;
-        let pass = x.narrow(D::Minus1, rd, self.config.head_dim - rd)?;
-        let rot = candle_nn::rotary_emb::rope_i(&rot, cos, sin)?;
-        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?.contiguous()?)
+    /// Rotates the first `rope_dim` dimensions of each head of `x` (seq, heads*hd).
+    fn rope_device(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        cache: &[(f32, f32)],
+    ) -> Result<Tensor, EngineError> {
+        let (seq, width) = x.dims2()?;
+        let (hd, rd) = (self.config.head_dim, self.config.rope_dim);
+        let half = rd / 2;
+        let cos: Vec<f32> = cache.iter().map(|c| c.0).collect();
+        let sin: Vec<f32> = cache.iter().map(|c| c.1).collect();
+        let cos = Tensor::from_vec(cos, (seq, half), x.device())?;
+        let sin = Tensor::from_vec(sin, (seq, half), x.device())?;
+        let x4 = x
+            .reshape((1, seq, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let rotated = if rd == hd {
+            candle_nn::rotary_emb::rope_i(&x4, &cos, &sin)?
+        } else {
+            let rot = x4.narrow(D::Minus1, 0, rd)?.contiguous()?;
+            let pass = x4.narrow(D::Minus1, rd, hd - rd)?;
+            let rot = candle_nn::rotary_emb::rope_i(&rot, &cos, &sin)?;
+            Tensor::cat(&[&rot, &pass], D::Minus1)?
+        };
+        Ok(rotated.transpose(1, 2)?.reshape((seq, width))?)
     }
 }
 
-/// cos/sin tables for every position of the context, (positions, rope_dim / 2).
-fn rope_tables(
-    c: &ModelConfig,
-    factors: Option<&[f32]>,
-    device: &Device,
-) -> Result<(Tensor, Tensor), EngineError> {
-    let half = c.rope_dim / 2;
-    let pos_scale = match c.rope_scaling {
-        RopeScaling::Linear { factor } => 1.0 / factor as f64,
-        _ => 1.0,
-    };
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| {
-            let f = 1.0 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.rope_dim as f64);
-            match factors {
-                Some(fs) => f / fs.get(i).copied().unwrap_or(1.0) as f64,
-                None => f,
-            }
-        })
-        .collect();
-    let n = c.context_length;
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for p in 0..n {
-        for f in &inv_freq {
-            let angle = p as f64 * pos_scale * f;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (n, half), device)?,
-        Tensor::from_vec(sin, (n, half), device)?,
-    ))
+/// Rounds to the nearest f16 and back, keeping f32 storage.
+fn round_f16(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F16)?.to_dtype(DType::F32)
 }
 
 /// (seq, pos + seq): 0 where query i may see key j, -inf after it.

@@ -482,7 +482,7 @@ impl<'a> Parser<'a> {
         let fits = (self.remaining() / min_item_bytes.max(1)) as u64;
         if n > fits {
             return Err(format!(
-                "{what} at offset {at} is {n}, but the rest of the file can hold at most {fits}"
+                "{what} at offset {at} is {n}, but the rest of the file can hold at most {fits}: the file is truncated or corrupt"
             ));
         }
         Ok(n as usize)

@@ -1,0 +1,107 @@
+//! Elementwise math with ggml's exact numerics: `expf` as its vectorised polynomial
+//! (ARM optimized-routines, max error 1.45 ulp), SiLU built on it, RMS norm with a
+//! double-precision sum of squares.
+
+/// ggml's vector `expf`: inputs above ~88.4 give +inf, below ~-104 give 0.
+#[inline]
+pub fn expf(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(c(0x3fb8_aa3b), r); // x * log2(e) + r
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+        .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    // scalef: j * 2^n with one correct rounding (j * 2^n is exact in f64).
+    (j as f64 * 2f64.powi(n as i32)) as f32
+}
+
+/// `x / (1 + exp(-x))`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + expf(0.0 - x))
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]`.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// RMS norm of each row of `x` (length `w.len()`), scaled by `w`, into `out`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &wi) in o.iter_mut().zip(row).zip(w) {
+            *o = (v * scale) * wi;
+        }
+    }
+}
+
+/// Sum of 16 lanes in the order GCC's `_mm512_reduce_add_ps` uses.
+#[inline]
+pub fn reduce16(l: &[f32; 16]) -> f32 {
+    let mut t3 = [0f32; 8];
+    for i in 0..8 {
+        t3[i] = l[8 + i] + l[i];
+    }
+    let mut t6 = [0f32; 4];
+    for i in 0..4 {
+        t6[i] = t3[4 + i] + t3[i];
+    }
+    (t6[0] + t6[2]) + (t6[1] + t6[3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_is_within_two_ulp_of_libm() {
+        let mut x = -100.0f32;
+        while x < 88.0 {
+            let want = x.exp();
+            let got = expf(x);
+            let ulp = (want.to_bits() as i64 - got.to_bits() as i64).abs();
+            assert!(
+                ulp <= 2 || (want < 1e-37 && got < 1e-37),
+                "x={x}: {got} vs {want}"
+            );
+            x += 0.0173;
+        }
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(expf(-200.0), 0.0);
+        assert_eq!(expf(200.0), f32::INFINITY);
+        assert_eq!(expf(0.0), 1.0);
+    }
+
+    #[test]
+    fn silu_and_rms_norm() {
+        assert_eq!(silu(0.0), 0.0);
+        assert!((silu(2.0) - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
+        let mut out = [0f32; 4];
+        rms_norm(
+            &[1.0, -1.0, 1.0, -1.0],
+            &[1.0, 2.0, 3.0, 4.0],
+            0.0,
+            &mut out,
+        );
+        assert_eq!(out, [1.0, -2.0, 3.0, -4.0]);
+    }
+
+    #[test]
+    fn reduce16_adds_everything() {
+        let l: [f32; 16] = std::array::from_fn(|i| i as f32);
+        assert_eq!(reduce16(&l), 120.0);
+    }
+}

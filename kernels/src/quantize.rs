@@ -1,0 +1,75 @@
+//! Quantizing activation rows to Q8_0 / Q8_1 blocks, the way ggml's x86 code does it:
+//! scale `d = amax / 127` (stored as f16), multiplier `127 / amax`, round half to even.
+
+use half::f16;
+
+use crate::blocks::{BlockQ8_0, BlockQ8_1, QK};
+
+fn quantize_block(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        let r = (v * id).round_ties_even() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (d, sum)
+}
+
+/// `x.len()` must equal `out.len() * 32`.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    debug_assert_eq!(x.len(), out.len() * QK);
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let (d, _) = quantize_block(xs, &mut b.qs);
+        b.d = f16::from_f32(d);
+    }
+}
+
+/// `x.len()` must equal `out.len() * 32`.
+pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    debug_assert_eq!(x.len(), out.len() * QK);
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let (d, sum) = quantize_block(xs, &mut b.qs);
+        b.d = f16::from_f32(d);
+        b.s = f16::from_f32(d * sum as f32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_is_close_and_ties_go_to_even() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.37).collect();
+        let mut q = vec![BlockQ8_1::default(); 2];
+        quantize_row_q8_1(&x, &mut q);
+        for (b, xs) in q.iter().zip(x.chunks(QK)) {
+            let d = b.d.to_f32();
+            for (&qi, &xi) in b.qs.iter().zip(xs) {
+                assert!((qi as f32 * d - xi).abs() <= d * 0.51 + 1e-3);
+            }
+            let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
+            assert!((b.s.to_f32() - d * sum as f32).abs() <= 1e-2 * (1.0 + b.s.to_f32().abs()));
+        }
+        // amax 127 -> id 1: 2.5 rounds to 2, 3.5 to 4, -2.5 to -2.
+        let mut x = vec![0f32; 32];
+        x[0] = 127.0;
+        x[1] = 2.5;
+        x[2] = 3.5;
+        x[3] = -2.5;
+        let mut q = [BlockQ8_0::default()];
+        quantize_row_q8_0(&x, &mut q);
+        assert_eq!(&q[0].qs[..4], &[127, 2, 4, -2]);
+    }
+
+    #[test]
+    fn zero_block_quantizes_to_zero() {
+        let mut q = [BlockQ8_1::default()];
+        quantize_row_q8_1(&[0.0; 32], &mut q);
+        assert_eq!(q[0].qs, [0; 32]);
+        assert_eq!(q[0].d.to_f32(), 0.0);
+    }
+}

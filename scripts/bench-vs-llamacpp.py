@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Hearth vs llama.cpp on the same GGUF, same thread count, interleaved in one run.
+
+For each repetition: `hearth bench -r 1` (pp and tg), then llama.cpp (through
+llama-cpp-python) doing the same work: ppN = one batch of N random tokens on an empty
+context; tgN = N single-token decode steps from an empty context. Prints a markdown
+table with mean ± sd per side and the per-repetition ratio hearth/llama.cpp
+(min / median / max).
+
+Usage: scripts/bench-vs-llamacpp [-m MODEL] [-p 512] [-n 128] [-r 5] [-t 2]
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+
+from llama_cpp import Llama
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def hearth_once(args):
+    out = subprocess.run(
+        [args.hearth, "bench", "-m", args.model, "-p", str(args.p), "-n", str(args.n),
+         "-r", "1", "-t", str(args.t), "-o", "json"],
+        check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return {r["test"]: r["mean_tps"] for r in rows}
+
+
+def llama_once(llm, args, rng):
+    vocab = llm.n_vocab()
+    res = {}
+    toks = [rng.randrange(vocab) for _ in range(args.p)]
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(toks)
+    res[f"pp{args.p}"] = args.p / (time.perf_counter() - t)
+    toks = [rng.randrange(vocab) for _ in range(args.n)]
+    llm.reset()
+    t = time.perf_counter()
+    for tok in toks:
+        llm.eval([tok])
+    res[f"tg{args.n}"] = args.n / (time.perf_counter() - t)
+    return res
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-m", "--model", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("-p", type=int, default=512)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-r", type=int, default=5)
+    ap.add_argument("-t", type=int, default=2)
+    ap.add_argument("--hearth", default=os.path.join(ROOT, "target", "release", "hearth"))
+    args = ap.parse_args()
+
+    llm = Llama(model_path=args.model, n_ctx=args.p + args.n + 16, n_batch=args.p, n_ubatch=args.p,
+                n_threads=args.t, n_threads_batch=args.t, verbose=False)
+    rng = random.Random(42)
+    llama_once(llm, args, rng)  # warm-up
+    ours, theirs = [], []
+    for _ in range(args.r):
+        ours.append(hearth_once(args))
+        theirs.append(llama_once(llm, args, rng))
+
+    print(f"CPU: {cpu_model()}; threads: {args.t}; model: {os.path.basename(args.model)}; "
+          f"repetitions: {args.r} (interleaved)")
+    print()
+    print("| test | hearth t/s | llama.cpp t/s | ratio min | ratio median | ratio max |")
+    print("| ---- | ---------: | ------------: | --------: | -----------: | --------: |")
+    for test in [f"pp{args.p}", f"tg{args.n}"]:
+        a = [o[test] for o in ours]
+        b = [t[test] for t in theirs]
+        ratios = sorted(x / y for x, y in zip(a, b))
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+        print(f"| {test} | {statistics.mean(a):.1f} ± {sd(a):.1f} | {statistics.mean(b):.1f} ± {sd(b):.1f} "
+              f"| {ratios[0]:.2f} | {statistics.median(ratios):.2f} | {ratios[-1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
