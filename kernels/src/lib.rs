@@ -8,6 +8,32 @@
 //! within float rounding of llama.cpp's. Nothing here allocates per dot product or
 //! knows about models.
 
+/// Defines a public function whose body is compiled twice: once for the baseline target
+/// and once with AVX2, FMA and F16C enabled, picked at run time. Both compile the same
+/// operations in the same order (no fast-math), so they give identical bits; the fast one
+/// just gets vector instructions and hardware `fma`/`f16` conversions instead of calls.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn inner($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
+                    inner($($arg),*)
+                }
+                if $crate::has_avx2() {
+                    // SAFETY: the CPU supports the features `fast` was compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            inner($($arg),*)
+        }
+    };
+}
+
 pub mod attention;
 pub mod blocks;
 pub mod dot;
@@ -19,7 +45,7 @@ pub mod rope;
 pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
 pub use matmul::{QMatrix, QMatrixError};
 
-/// Whether the AVX2+FMA paths are usable on this CPU (checked once at run time, so one
+/// Whether the AVX2+FMA+F16C paths are usable on this CPU (checked once at run time, so one
 /// portable binary runs everywhere).
 #[inline]
 pub fn has_avx2() -> bool {
@@ -28,7 +54,9 @@ pub fn has_avx2() -> bool {
         use std::sync::OnceLock;
         static AVX2: OnceLock<bool> = OnceLock::new();
         *AVX2.get_or_init(|| {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -3,7 +3,7 @@
 //! double-precision sum of squares.
 
 /// ggml's vector `expf`: inputs above ~88.4 give +inf, below ~-104 give 0.
-#[inline]
+#[inline(always)]
 pub fn expf(x: f32) -> f32 {
     let c = f32::from_bits;
     let r = c(0x4b40_0000); // 0x1.8p23
@@ -18,38 +18,43 @@ pub fn expf(x: f32) -> f32 {
         .mul_add(b, c(0x3d2b_9f17))
         .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
         .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
-    // scalef: j * 2^n with one correct rounding (j * 2^n is exact in f64).
-    (j as f64 * 2f64.powi(n as i32)) as f32
+    // scalef: j * 2^n with one correct rounding (j * 2^n is exact in f64; |n| <= 192).
+    let two_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    (j as f64 * two_n) as f32
 }
 
 /// `x / (1 + exp(-x))`.
-#[inline]
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(0.0 - x))
 }
 
-/// `gate[i] = silu(gate[i]) * up[i]`.
-pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
+multiversion! {
+    /// `gate[i] = silu(gate[i]) * up[i]`.
+    pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = silu(*g) * u;
+        }
     }
 }
 
-/// RMS norm of each row of `x` (length `w.len()`), scaled by `w`, into `out`.
-pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let n = w.len();
-    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum / n as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for ((o, &v), &wi) in o.iter_mut().zip(row).zip(w) {
-            *o = (v * scale) * wi;
+multiversion! {
+    /// RMS norm of each row of `x` (length `w.len()`), scaled by `w`, into `out`.
+    pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let n = w.len();
+        for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+            let mean = (sum / n as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for ((o, &v), &wi) in o.iter_mut().zip(row).zip(w) {
+                *o = (v * scale) * wi;
+            }
         }
     }
 }
 
 /// Sum of 16 lanes in the order GCC's `_mm512_reduce_add_ps` uses.
-#[inline]
+#[inline(always)]
 pub fn reduce16(l: &[f32; 16]) -> f32 {
     let mut t3 = [0f32; 8];
     for i in 0..8 {

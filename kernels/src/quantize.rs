@@ -5,6 +5,7 @@ use half::f16;
 
 use crate::blocks::{BlockQ8_0, BlockQ8_1, QK};
 
+#[inline(always)]
 fn quantize_block(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -18,22 +19,26 @@ fn quantize_block(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
     (d, sum)
 }
 
-/// `x.len()` must equal `out.len() * 32`.
-pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    debug_assert_eq!(x.len(), out.len() * QK);
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let (d, _) = quantize_block(xs, &mut b.qs);
-        b.d = f16::from_f32(d);
+multiversion! {
+    /// `x.len()` must equal `out.len() * 32`.
+    pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+        debug_assert_eq!(x.len(), out.len() * QK);
+        for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+            let (d, _) = quantize_block(xs, &mut b.qs);
+            b.d = f16::from_f32(d);
+        }
     }
 }
 
-/// `x.len()` must equal `out.len() * 32`.
-pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-    debug_assert_eq!(x.len(), out.len() * QK);
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let (d, sum) = quantize_block(xs, &mut b.qs);
-        b.d = f16::from_f32(d);
-        b.s = f16::from_f32(d * sum as f32);
+multiversion! {
+    /// `x.len()` must equal `out.len() * 32`.
+    pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+        debug_assert_eq!(x.len(), out.len() * QK);
+        for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+            let (d, sum) = quantize_block(xs, &mut b.qs);
+            b.d = f16::from_f32(d);
+            b.s = f16::from_f32(d * sum as f32);
+        }
     }
 }
 

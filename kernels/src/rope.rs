@@ -31,6 +31,7 @@ pub fn rope_cache(
     out
 }
 
+multiversion! {
 /// Rotates adjacent pairs (x[2i], x[2i+1]) of the first `n_dims` elements of every head
 /// ("normal" rope, as GGUF Llama weights expect). `x` holds `cache.len() / (n_dims/2)`
 /// rows of `n_heads * head_dim`.
@@ -55,6 +56,7 @@ pub fn rope_interleaved(
             }
         }
     }
+}
 }
 
 #[cfg(test)]
