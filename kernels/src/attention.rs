@@ -172,8 +172,8 @@ pub fn attend(
     // llama.cpp hands matmuls with two or more query rows to tinyBLAS and single rows to
     // ggml_vec_dot_f16; the two sum in different orders. tinyBLAS declines a key length
     // that is not a multiple of 16 (scores) and a head size not a multiple of 4 (values).
-    let tiled_scores = seq >= 2 && hd % 16 == 0;
-    let tiled_values = seq >= 2 && hd % 4 == 0;
+    let tiled_scores = seq >= 2 && hd.is_multiple_of(16);
+    let tiled_values = seq >= 2 && hd.is_multiple_of(4);
     out.par_chunks_mut(hd).enumerate().for_each_init(
         || Scratch {
             q: vec![0f32; hd],
@@ -255,7 +255,7 @@ mod tests {
         };
         let (pos, seq) = (5, 3);
         let total = pos + seq;
-        let f = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0);
+        let f = |i: usize| (i * 7919 % 1000) as f32 / 500.0 - 1.0;
         let k: Vec<f16> = (0..total * s.kv_heads * s.head_dim)
             .map(|i| f16::from_f32(f(i)))
             .collect();

@@ -78,10 +78,28 @@ pub mod avx2 {
     //! The same dot products with AVX2 + FMA. Callers must check [`crate::has_avx2`].
     use std::arch::x86_64::*;
 
+    use half::f16;
+
     use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 
+    /// Four f16 scales to f32 with one conversion (exact, like `f16::to_f32`). Packing
+    /// them in a general register first keeps the compiler from inserting into a vector
+    /// register that carries a loop dependency.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales(a: f16, b: f16, c: f16, d: f16) -> [f32; 4] {
+        let packed = a.to_bits() as u64
+            | (b.to_bits() as u64) << 16
+            | (c.to_bits() as u64) << 32
+            | (d.to_bits() as u64) << 48;
+        let v = _mm_cvtph_ps(_mm_cvtsi64_si128(packed as i64));
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), v);
+        out
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum8(x: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(x, 1);
         let r = _mm_add_ps(hi, _mm256_castps256_ps128(x));
@@ -92,7 +110,7 @@ pub mod avx2 {
 
     /// 16 bytes of nibbles -> 32 bytes: low nibbles first, then high nibbles.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles(p: *const u8) -> __m256i {
         let t = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
@@ -101,7 +119,7 @@ pub mod avx2 {
 
     /// Unsigned bytes times signed bytes, summed in groups of four, as f32 lanes.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn sum_us8(ux: __m256i, sy: __m256i) -> __m256 {
         let pairs = _mm256_maddubs_epi16(ux, sy);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
@@ -109,19 +127,20 @@ pub mod avx2 {
 
     /// Signed times signed: move the sign of x onto y, then as above.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn sum_i8(x: __m256i, y: __m256i) -> __m256 {
         sum_us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
     }
 
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let eight = _mm256_set1_epi8(8);
         for (a, b) in x.iter().zip(y) {
-            let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+            let [ad, bd, _, _] = scales(a.d, b.d, f16::ZERO, f16::ZERO);
+            let d = _mm256_set1_ps(ad * bd);
             let qx = _mm256_sub_epi8(nibbles(a.qs.as_ptr()), eight);
             let qy = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
             acc = _mm256_fmadd_ps(d, sum_i8(qx, qy), acc);
@@ -130,14 +149,15 @@ pub mod avx2 {
     }
 
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut summs = 0f32;
         for (a, b) in x.iter().zip(y) {
-            summs += a.m.to_f32() * b.s.to_f32();
-            let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+            let [ad, am, bd, bs] = scales(a.d, a.m, b.d, b.s);
+            summs += am * bs;
+            let d = _mm256_set1_ps(ad * bd);
             let qx = nibbles(a.qs.as_ptr());
             let qy = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
             acc = _mm256_fmadd_ps(d, sum_us8(qx, qy), acc);
@@ -146,12 +166,13 @@ pub mod avx2 {
     }
 
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (a, b) in x.iter().zip(y) {
-            let d = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
+            let [ad, bd, _, _] = scales(a.d, b.d, f16::ZERO, f16::ZERO);
+            let d = _mm256_set1_ps(ad * bd);
             let qx = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
             let qy = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
             acc = _mm256_fmadd_ps(d, sum_i8(qx, qy), acc);

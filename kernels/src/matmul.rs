@@ -74,7 +74,7 @@ impl QMatrix {
         n: usize,
         k: usize,
     ) -> Result<Self, QMatrixError> {
-        if k % QK != 0 || k == 0 {
+        if !k.is_multiple_of(QK) || k == 0 {
             return Err(QMatrixError::RowLength { k });
         }
         let data = match format {

@@ -620,7 +620,7 @@ impl<'a> Parser<'a> {
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
                 .ok_or_else(|| format!("tensor `{name}` dimensions {dims:?} overflow"))?;
             let block = dtype.block_size() as u64;
-            if dims[0] as u64 % block != 0 {
+            if !(dims[0] as u64).is_multiple_of(block) {
                 return Err(format!(
                     "tensor `{name}` row length {} is not a multiple of the {dtype} block size {block}",
                     dims[0]
@@ -722,12 +722,12 @@ pub(crate) mod tests {
                 out.extend_from_slice(&offset.to_le_bytes());
                 offset += (data.len() as u64).div_ceil(32) * 32;
             }
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
             for (_, _, _, data) in &self.tensors {
                 out.extend_from_slice(data);
-                while out.len() % 32 != 0 {
+                while !out.len().is_multiple_of(32) {
                     out.push(0);
                 }
             }

@@ -1,0 +1,22 @@
+use hearth_kernels::matmul::{QFormat, QMatrix};
+fn main() {
+    let (n, k) = (1536usize, 576usize);
+    let bytes: Vec<u8> = (0..n * (k / 32) * 20)
+        .map(|i| (i * 7 % 251) as u8 & 0x3f)
+        .collect();
+    let w = QMatrix::from_bytes(QFormat::Q4_1, &bytes, n, k).unwrap();
+    let x: Vec<f32> = (0..k).map(|i| (i as f32).sin()).collect();
+    let mut out = vec![0f32; n];
+    let reps = 2000;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        w.matmul(&x, &mut out);
+    }
+    let dt = t.elapsed().as_secs_f64();
+    println!(
+        "{:.2} GMAC/s, {:.1} us per call, weights {:.1} GB/s",
+        (n * k * reps) as f64 / dt / 1e9,
+        dt / reps as f64 * 1e6,
+        (bytes.len() * reps) as f64 / dt / 1e9
+    );
+}
