@@ -165,6 +165,55 @@ pub mod avx2 {
         hsum8(acc) + summs
     }
 
+    /// Two weight rows against one activation row: the same operations as two calls of
+    /// [`dot_q4_1_q8_1`], interleaved so the two dependency chains overlap.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1_q8_1_x2(
+        x0: &[BlockQ4_1],
+        x1: &[BlockQ4_1],
+        y: &[BlockQ8_1],
+    ) -> [f32; 2] {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut summs0, mut summs1) = (0f32, 0f32);
+        for ((a0, a1), b) in x0.iter().zip(x1).zip(y) {
+            let [d0, m0, d1, m1] = scales(a0.d, a0.m, a1.d, a1.m);
+            let [bd, bs, _, _] = scales(b.d, b.s, f16::ZERO, f16::ZERO);
+            summs0 += m0 * bs;
+            summs1 += m1 * bs;
+            let qy = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+            let p0 = sum_us8(nibbles(a0.qs.as_ptr()), qy);
+            let p1 = sum_us8(nibbles(a1.qs.as_ptr()), qy);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * bd), p0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * bd), p1, acc1);
+        }
+        [hsum8(acc0) + summs0, hsum8(acc1) + summs1]
+    }
+
+    /// Two weight rows against one activation row, as two calls of [`dot_q8_0_q8_0`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0_q8_0_x2(
+        x0: &[BlockQ8_0],
+        x1: &[BlockQ8_0],
+        y: &[BlockQ8_0],
+    ) -> [f32; 2] {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for ((a0, a1), b) in x0.iter().zip(x1).zip(y) {
+            let [d0, d1, bd, _] = scales(a0.d, a1.d, b.d, f16::ZERO);
+            let qy = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+            let q0 = _mm256_loadu_si256(a0.qs.as_ptr() as *const __m256i);
+            let q1 = _mm256_loadu_si256(a1.qs.as_ptr() as *const __m256i);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * bd), sum_i8(q0, qy), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * bd), sum_i8(q1, qy), acc1);
+        }
+        [hsum8(acc0), hsum8(acc1)]
+    }
+
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -200,6 +249,34 @@ pub fn dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
         return unsafe { avx2::dot_q4_1_q8_1(x, y) };
     }
     dot_q4_1_q8_1_ref(x, y)
+}
+
+/// Two Q4_1 weight rows against one activation row; same bits as two [`dot_q4_1_q8_1`].
+#[inline]
+pub fn dot_q4_1_q8_1_x2(x0: &[BlockQ4_1], x1: &[BlockQ4_1], y: &[BlockQ8_1]) -> [f32; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2() {
+        // SAFETY: checked above.
+        return unsafe { avx2::dot_q4_1_q8_1_x2(x0, x1, y) };
+    }
+    [dot_q4_1_q8_1_ref(x0, y), dot_q4_1_q8_1_ref(x1, y)]
+}
+
+/// Two Q8_0 weight rows against one activation row; same bits as two [`dot_q8_0_q8_0`].
+#[inline]
+pub fn dot_q8_0_q8_0_x2(x0: &[BlockQ8_0], x1: &[BlockQ8_0], y: &[BlockQ8_0]) -> [f32; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2() {
+        // SAFETY: checked above.
+        return unsafe { avx2::dot_q8_0_q8_0_x2(x0, x1, y) };
+    }
+    [dot_q8_0_q8_0_ref(x0, y), dot_q8_0_q8_0_ref(x1, y)]
+}
+
+/// Two Q4_0 weight rows against one activation row.
+#[inline]
+pub fn dot_q4_0_q8_0_x2(x0: &[BlockQ4_0], x1: &[BlockQ4_0], y: &[BlockQ8_0]) -> [f32; 2] {
+    [dot_q4_0_q8_0(x0, y), dot_q4_0_q8_0(x1, y)]
 }
 
 #[inline]
@@ -342,6 +419,16 @@ mod tests {
                 let w = random_q8_0(&mut r, n);
                 let simd = unsafe { avx2::dot_q8_0_q8_0(&w, &a) };
                 assert_eq!(simd.to_bits(), dot_q8_0_q8_0_ref(&w, &a).to_bits());
+                let w2 = random_q8_0(&mut r, n);
+                let pair = unsafe { avx2::dot_q8_0_q8_0_x2(&w, &w2, &a) };
+                assert_eq!(pair[0].to_bits(), dot_q8_0_q8_0_ref(&w, &a).to_bits());
+                assert_eq!(pair[1].to_bits(), dot_q8_0_q8_0_ref(&w2, &a).to_bits());
+
+                let (w, w2) = (random_q4_1(&mut r, n), random_q4_1(&mut r, n));
+                let a = random_q8_1(&mut r, n);
+                let pair = unsafe { avx2::dot_q4_1_q8_1_x2(&w, &w2, &a) };
+                assert_eq!(pair[0].to_bits(), dot_q4_1_q8_1_ref(&w, &a).to_bits());
+                assert_eq!(pair[1].to_bits(), dot_q4_1_q8_1_ref(&w2, &a).to_bits());
             }
         }
     }

@@ -117,9 +117,36 @@ impl QMatrix {
         let m = x.len() / k;
         assert_eq!(out.len(), m * n, "output length");
         match &self.data {
-            Data::Q4_0(w) => run(w, n, k, x, out, quantize_row_q8_0, dot::dot_q4_0_q8_0),
-            Data::Q4_1(w) => run(w, n, k, x, out, quantize_row_q8_1, dot::dot_q4_1_q8_1),
-            Data::Q8_0(w) => run(w, n, k, x, out, quantize_row_q8_0, dot::dot_q8_0_q8_0),
+            Data::Q4_0(w) => run(
+                w,
+                n,
+                k,
+                x,
+                out,
+                quantize_row_q8_0,
+                dot::dot_q4_0_q8_0,
+                dot::dot_q4_0_q8_0_x2,
+            ),
+            Data::Q4_1(w) => run(
+                w,
+                n,
+                k,
+                x,
+                out,
+                quantize_row_q8_1,
+                dot::dot_q4_1_q8_1,
+                dot::dot_q4_1_q8_1_x2,
+            ),
+            Data::Q8_0(w) => run(
+                w,
+                n,
+                k,
+                x,
+                out,
+                quantize_row_q8_0,
+                dot::dot_q8_0_q8_0,
+                dot::dot_q8_0_q8_0_x2,
+            ),
         }
     }
 }
@@ -131,6 +158,7 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+#[allow(clippy::too_many_arguments)]
 fn run<W: Sync, A: Default + Copy + Send + Sync>(
     w: &[W],
     n: usize,
@@ -139,6 +167,7 @@ fn run<W: Sync, A: Default + Copy + Send + Sync>(
     out: &mut [f32],
     quantize: fn(&[f32], &mut [A]),
     dot: fn(&[W], &[A]) -> f32,
+    dot2: fn(&[W], &[W], &[A]) -> [f32; 2],
 ) {
     let nb = k / QK;
     let m = x.len() / k;
@@ -156,12 +185,22 @@ fn run<W: Sync, A: Default + Copy + Send + Sync>(
         let p = ptr;
         let r0 = band * BAND;
         let r1 = (r0 + BAND).min(n);
+        let row = |r: usize| &w[r * nb..(r + 1) * nb];
         for i in 0..m {
             let a = &xq[i * nb..(i + 1) * nb];
-            for r in r0..r1 {
-                let v = dot(&w[r * nb..(r + 1) * nb], a);
-                // SAFETY: i < m and r < n, so the index is inside `out`; each (i, r) is
-                // written by exactly one task (the one owning row r).
+            let mut r = r0;
+            // SAFETY (the writes below): i < m and r < n, so each index is inside `out`;
+            // each (i, r) is written by exactly one task (the one owning row r).
+            while r + 1 < r1 {
+                let [v0, v1] = dot2(row(r), row(r + 1), a);
+                unsafe {
+                    *p.0.add(i * n + r) = v0;
+                    *p.0.add(i * n + r + 1) = v1;
+                }
+                r += 2;
+            }
+            if r < r1 {
+                let v = dot(row(r), a);
                 unsafe { *p.0.add(i * n + r) = v };
             }
         }
