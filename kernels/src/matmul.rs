@@ -158,6 +158,9 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// Two weight rows against one activation row.
+type PairDot<W, A> = fn(&[W], &[W], &[A]) -> [f32; 2];
+
 #[allow(clippy::too_many_arguments)]
 fn run<W: Sync, A: Default + Copy + Send + Sync>(
     w: &[W],
@@ -167,7 +170,7 @@ fn run<W: Sync, A: Default + Copy + Send + Sync>(
     out: &mut [f32],
     quantize: fn(&[f32], &mut [A]),
     dot: fn(&[W], &[A]) -> f32,
-    dot2: fn(&[W], &[W], &[A]) -> [f32; 2],
+    dot2: PairDot<W, A>,
 ) {
     let nb = k / QK;
     let m = x.len() / k;
