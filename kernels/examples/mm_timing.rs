@@ -1,3 +1,5 @@
+//! Times one 1536x576 Q4_1 matmul against a single activation row (the FFN shape of the
+//! default model): `RAYON_NUM_THREADS=1 cargo run --release -p hearth-kernels --example mm_timing`.
 use hearth_kernels::matmul::{QFormat, QMatrix};
 fn main() {
     let (n, k) = (1536usize, 576usize);
