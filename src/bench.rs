@@ -46,6 +46,12 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+impl BenchArgs {
+    pub fn model_args(&self) -> &ModelArgs {
+        &self.model
+    }
+}
+
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.repetitions == 0 {
         anyhow::bail!("--repetitions must be at least 1");

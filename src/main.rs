@@ -40,20 +40,20 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Sizes the compute pool, resolves the model path and loads it.
-    pub fn load(&self) -> anyhow::Result<hearth_engine::LoadedModel> {
+    /// Compute threads: `--threads`, else the cores this process may use.
+    fn threads(&self) -> anyhow::Result<usize> {
         let threads = self
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         if threads == 0 {
             anyhow::bail!("--threads must be at least 1");
         }
-        // candle's CPU kernels size their work by RAYON_NUM_THREADS and run on rayon's
-        // global pool: set both before the first tensor op.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global();
+        Ok(threads)
+    }
+
+    /// Resolves the model path and loads it.
+    pub fn load(&self) -> anyhow::Result<hearth_engine::LoadedModel> {
+        let threads = self.threads()?;
         let path = hearth_models::locate::resolve_model(self.model.as_deref())?;
         let device = hearth_engine::parse_device(&self.device)?;
         let start = std::time::Instant::now();
@@ -68,6 +68,22 @@ impl ModelArgs {
     }
 }
 
+/// The compute pool, sized by the command's `--threads`.
+fn compute_pool(command: &Command) -> anyhow::Result<rayon::ThreadPool> {
+    let model_args = match command {
+        Command::Run(a) => a.model_args(),
+        Command::Bench(a) => a.model_args(),
+    };
+    let threads = model_args.threads()?;
+    // candle's CPU kernels size their work by RAYON_NUM_THREADS; set it before the first
+    // tensor op so both agree.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    Ok(rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("hearth-compute-{i}"))
+        .build()?)
+}
+
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -77,10 +93,15 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let result = match cli.command {
-        Command::Run(args) => run::run(args),
-        Command::Bench(args) => bench::bench(args),
-    };
+    let result = compute_pool(&cli.command).and_then(|pool| {
+        // The whole command runs on a pool worker, so each matmul's parallel loop
+        // splits among workers that are already awake instead of waking them from a
+        // foreign thread ~200 times per token.
+        pool.install(|| match cli.command {
+            Command::Run(args) => run::run(args),
+            Command::Bench(args) => bench::bench(args),
+        })
+    });
     if let Err(e) = result {
         // One line: the chain of causes joined with ": ".
         let msg = format!("{e:#}").replace('\n', " ");

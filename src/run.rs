@@ -54,6 +54,12 @@ pub struct RunArgs {
     stats: bool,
 }
 
+impl RunArgs {
+    pub fn model_args(&self) -> &ModelArgs {
+        &self.model
+    }
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let prompt = match args.prompt.as_deref() {
         Some("-") | None => {

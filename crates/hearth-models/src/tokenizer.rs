@@ -271,17 +271,7 @@ impl Tokenizer {
             .collect();
         inner.add_special_tokens(&added);
 
-        let alphabet = byte_level_alphabet();
-        let unicode_to_byte: HashMap<char, u8> = alphabet
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
-        let token_bytes = tokens
-            .iter()
-            .zip(&token_types)
-            .map(|(s, t)| token_bytes(kind, s, *t, &unicode_to_byte))
-            .collect();
+        let token_bytes = token_byte_table(kind, &tokens, &token_types);
 
         let mut eog: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
         // Chat models end turns with control tokens that the metadata does not always
@@ -394,6 +384,20 @@ impl Tokenizer {
         }
         text
     }
+}
+
+/// The bytes of every token, for detokenization.
+fn token_byte_table(kind: TokenizerKind, tokens: &[String], types: &[TokenType]) -> Vec<Vec<u8>> {
+    let unicode_to_byte: HashMap<char, u8> = byte_level_alphabet()
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
+        .collect();
+    tokens
+        .iter()
+        .zip(types)
+        .map(|(s, t)| token_bytes(kind, s, *t, &unicode_to_byte))
+        .collect()
 }
 
 fn token_bytes(
@@ -573,17 +577,7 @@ mod tests {
             scores.push(s);
         }
         let inner = build_spm(&tokens, &scores, &types, Some(0), true).unwrap();
-        let alphabet = byte_level_alphabet();
-        let map: HashMap<char, u8> = alphabet
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
-        let token_bytes = tokens
-            .iter()
-            .zip(&types)
-            .map(|(s, t)| token_bytes(TokenizerKind::Spm, s, *t, &map))
-            .collect();
+        let token_bytes = token_byte_table(TokenizerKind::Spm, &tokens, &types);
         let mut inner = inner;
         inner.add_special_tokens(&[
             AddedToken::from("<s>", true),
