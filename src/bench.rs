@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use hearth_engine::sampler::Rng;
+use hearth_engine::BatchItem;
 
 use crate::ModelArgs;
 
@@ -23,6 +24,10 @@ pub struct BenchArgs {
     /// Tokens generated one at a time (tgN); 0 skips the test.
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
+    /// Also measure batched generation: this many sequences decoding together, one
+    /// token each per step (reported as aggregate tokens/s); 0 skips the test.
+    #[arg(short = 'b', long = "batch", default_value_t = 0)]
+    batch: usize,
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
@@ -103,6 +108,31 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         samples.push(Sample {
             test: format!("tg{}", args.n_gen),
+            tokens_per_s: tps,
+        });
+    }
+
+    if args.batch > 0 && args.n_gen > 0 {
+        let steps: Vec<Vec<u32>> = (0..args.n_gen).map(|_| random_tokens(args.batch)).collect();
+        let mut tps = Vec::new();
+        for _ in 0..args.repetitions {
+            let mut caches: Vec<_> = (0..args.batch).map(|_| model.model.new_cache()).collect();
+            let t = Instant::now();
+            for step in &steps {
+                let mut items: Vec<BatchItem> = step
+                    .iter()
+                    .zip(caches.iter_mut())
+                    .map(|(tok, cache)| BatchItem {
+                        tokens: std::slice::from_ref(tok),
+                        cache,
+                    })
+                    .collect();
+                model.model.forward_batch(&mut items)?;
+            }
+            tps.push((args.n_gen * args.batch) as f64 / t.elapsed().as_secs_f64());
+        }
+        samples.push(Sample {
+            test: format!("tg{} b{}", args.n_gen, args.batch),
             tokens_per_s: tps,
         });
     }

@@ -134,14 +134,16 @@ fn same_seed_same_text() {
 
 #[test]
 fn bench_prints_a_table() {
-    let o = hearth(&["bench", "-p", "32", "-n", "8", "-r", "2", "-t", "2"]);
+    let o = hearth(&[
+        "bench", "-p", "32", "-n", "8", "-r", "2", "-t", "2", "-b", "3",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(
         out.starts_with("| model | size | params | backend | threads | test | t/s |"),
         "{out}"
     );
-    for test in ["| pp32 |", "| tg8 |"] {
+    for test in ["| pp32 |", "| tg8 |", "| tg8 b3 |"] {
         let line = out
             .lines()
             .find(|l| l.contains(test))

@@ -11,7 +11,7 @@ pub mod sampler;
 pub use device::parse_device;
 pub use generate::{FinishReason, GenerationStats, LoadedModel};
 pub use kv_cache::KvCache;
-pub use llama::Llama;
+pub use llama::{BatchItem, Llama};
 pub use sampler::{Sampler, SamplingParams};
 
 /// Why the engine could not do what was asked.

@@ -172,6 +172,12 @@ struct Block {
     w_down: Linear,
 }
 
+/// One sequence's part of a batched forward pass: its new tokens and its cache.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
 /// The loaded decoder.
 pub struct Llama {
     config: ModelConfig,
@@ -250,92 +256,137 @@ impl Llama {
     /// Runs `tokens` (at positions `cache.len()..`) through the decoder, appends their
     /// keys and values to `cache`, and returns the logits of the last position as f32.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
-        let seq = tokens.len();
-        let pos = cache.len();
-        if seq == 0 {
-            return Err(EngineError::Input("no tokens to run".into()));
-        }
-        if pos + seq > self.config.context_length {
-            return Err(EngineError::ContextOverflow {
-                needed: pos + seq,
-                context: self.config.context_length,
-            });
-        }
-        if let Some(&bad) = tokens
-            .iter()
-            .find(|&&t| t as usize >= self.config.vocab_size)
-        {
-            return Err(EngineError::Input(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                self.config.vocab_size
-            )));
-        }
+        let mut logits = self.forward_batch(&mut [BatchItem { tokens, cache }])?;
+        Ok(logits.pop().unwrap_or_default())
+    }
+
+    /// Runs several sequences in one pass: every matmul takes the rows of all of them, so
+    /// the weights are read once per step however many sequences there are; attention
+    /// runs per sequence over its own cache. Returns each item's last-position logits.
+    /// Each sequence's result is bit-identical to running it alone.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
-        let positions: Vec<usize> = (pos..pos + seq).collect();
+        for item in items.iter() {
+            let (seq, pos) = (item.tokens.len(), item.cache.len());
+            if seq == 0 {
+                return Err(EngineError::Input("no tokens to run".into()));
+            }
+            if pos + seq > c.context_length {
+                return Err(EngineError::ContextOverflow {
+                    needed: pos + seq,
+                    context: c.context_length,
+                });
+            }
+            if let Some(&bad) = item.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(EngineError::Input(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
+            }
+        }
         let freq_scale = match c.rope_scaling {
             RopeScaling::Linear { factor } => 1.0 / factor,
             _ => 1.0,
         };
-        let rope = rope_cache(
-            &positions,
-            c.rope_dim,
-            c.rope_theta,
-            freq_scale,
-            self.rope_factors.as_deref(),
-        );
-        cache.reserve(pos + seq)?;
+        let mut ropes = Vec::with_capacity(items.len());
+        for item in items.iter_mut() {
+            let pos = item.cache.len();
+            let positions: Vec<usize> = (pos..pos + item.tokens.len()).collect();
+            ropes.push(rope_cache(
+                &positions,
+                c.rope_dim,
+                c.rope_theta,
+                freq_scale,
+                self.rope_factors.as_deref(),
+            ));
+            item.cache.reserve(pos + item.tokens.len())?;
+        }
         let logits = if self.device.is_cpu() {
-            self.forward_host(tokens, pos, &rope, cache)?
+            self.forward_host(items, &ropes)?
         } else {
-            self.forward_device(tokens, pos, &rope, cache)?
+            let mut out = Vec::with_capacity(items.len());
+            for (item, rope) in items.iter_mut().zip(&ropes) {
+                let pos = item.cache.len();
+                out.push(self.forward_device(item.tokens, pos, rope, item.cache)?);
+            }
+            out
         };
-        cache.commit(pos + seq);
+        for item in items.iter_mut() {
+            let total = item.cache.len() + item.tokens.len();
+            item.cache.commit(total);
+        }
         Ok(logits)
     }
 
     fn forward_host(
         &self,
-        tokens: &[u32],
-        pos: usize,
-        rope: &[(f32, f32)],
-        cache: &mut KvCache,
-    ) -> Result<Vec<f32>, EngineError> {
+        items: &mut [BatchItem<'_>],
+        ropes: &[Vec<(f32, f32)>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
-        let seq = tokens.len();
         let (nh, nkv, hd, h) = (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size);
-        let shape = AttentionShape {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: hd,
-            capacity: cache.capacity(),
-        };
+        let (qw, kvw) = (nh * hd, nkv * hd);
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut x = self.embeddings.rows_host(tokens)?;
-        let mut normed = vec![0f32; seq * h];
-        let mut att = vec![0f32; seq * nh * hd];
+        let tokens: Vec<u32> = items
+            .iter()
+            .flat_map(|i| i.tokens.iter().copied())
+            .collect();
+        let rows = tokens.len();
+        // First row of each item in the flattened batch.
+        let mut starts = Vec::with_capacity(items.len());
+        let mut acc = 0;
+        for item in items.iter() {
+            starts.push(acc);
+            acc += item.tokens.len();
+        }
+        let mut x = self.embeddings.rows_host(&tokens)?;
+        let mut normed = vec![0f32; rows * h];
+        let mut att = vec![0f32; rows * qw];
         for (layer, b) in self.blocks.iter().enumerate() {
             rms_norm(&x, &b.attn_norm.host, c.rms_norm_eps, &mut normed);
-            let mut q = b.wq.forward_host(&normed, seq)?;
-            let mut k = b.wk.forward_host(&normed, seq)?;
-            let v = b.wv.forward_host(&normed, seq)?;
-            rope_interleaved(&mut q, nh, hd, c.rope_dim, rope);
-            rope_interleaved(&mut k, nkv, hd, c.rope_dim, rope);
-            let (kc, vc) = cache.append_host(layer, &k, &v)?;
-            attend(&q, seq, pos, kc, vc, shape, scale, &mut att);
-            let o = b.wo.forward_host(&att, seq)?;
+            let mut q = b.wq.forward_host(&normed, rows)?;
+            let mut k = b.wk.forward_host(&normed, rows)?;
+            let v = b.wv.forward_host(&normed, rows)?;
+            for ((item, rope), &start) in items.iter_mut().zip(ropes).zip(&starts) {
+                let seq = item.tokens.len();
+                let pos = item.cache.len();
+                let qi = &mut q[start * qw..(start + seq) * qw];
+                let ki = &mut k[start * kvw..(start + seq) * kvw];
+                rope_interleaved(qi, nh, hd, c.rope_dim, rope);
+                rope_interleaved(ki, nkv, hd, c.rope_dim, rope);
+                let shape = AttentionShape {
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                    capacity: item.cache.capacity(),
+                };
+                let vi = &v[start * kvw..(start + seq) * kvw];
+                let (kc, vc) = item.cache.append_host(layer, ki, vi)?;
+                let out = &mut att[start * qw..(start + seq) * qw];
+                attend(qi, seq, pos, kc, vc, shape, scale, out);
+            }
+            let o = b.wo.forward_host(&att, rows)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             rms_norm(&x, &b.ffn_norm.host, c.rms_norm_eps, &mut normed);
-            let mut gate = b.w_gate.forward_host(&normed, seq)?;
-            let up = b.w_up.forward_host(&normed, seq)?;
+            let mut gate = b.w_gate.forward_host(&normed, rows)?;
+            let up = b.w_up.forward_host(&normed, rows)?;
             swiglu_in_place(&mut gate, &up);
-            let down = b.w_down.forward_host(&gate, seq)?;
+            let down = b.w_down.forward_host(&gate, rows)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
-        let last = &x[(seq - 1) * h..];
-        let mut normed = vec![0f32; h];
-        rms_norm(last, &self.output_norm.host, c.rms_norm_eps, &mut normed);
-        self.output.forward_host(&normed, 1)
+        // The last row of every item, through the final norm and the output projection
+        // in one matmul.
+        let mut last = Vec::with_capacity(items.len() * h);
+        for (item, &start) in items.iter().zip(&starts) {
+            let r = start + item.tokens.len() - 1;
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.output_norm.host, c.rms_norm_eps, &mut normed);
+        let logits = self.output.forward_host(&normed, items.len())?;
+        let vocab = logits.len() / items.len();
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
     fn forward_device(
