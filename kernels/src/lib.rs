@@ -1,12 +1,14 @@
 //! `hearth-kernels` owns the hot CPU loops: GGML block formats, quantization of
-//! activations, quantized dot products and the quantized matmul.
+//! activations, quantized dot products and matmul, rope, attention over an f16 KV cache,
+//! and the elementwise math (expf, SiLU, RMS norm).
 //!
-//! Pure functions over slices. Every SIMD path has a scalar reference that computes the
-//! *same* floating-point operations in the same order (8 accumulator lanes, fused
-//! multiply-adds, the same horizontal sum), so the two agree bit for bit and tests can
-//! demand equality. The arithmetic follows ggml's x86 kernels, which keeps our logits
-//! within float rounding of llama.cpp's. Nothing here allocates per dot product or
-//! knows about models.
+//! Pure functions over slices. Every SIMD path has a scalar twin that computes the *same*
+//! floating-point operations in the same order (accumulator lanes, fused multiply-adds,
+//! horizontal sums), so the two agree bit for bit and tests demand equality. The
+//! arithmetic reproduces llama.cpp's x86 CPU backend, so logits equal llama.cpp's to the
+//! bit. Nothing here allocates per dot product or knows about models.
+//!
+//! `HEARTH_NO_SIMD=1` forces the scalar paths (to test them on a SIMD machine).
 
 /// Defines a public function whose body is compiled twice: once for the baseline target
 /// and once with AVX2, FMA and F16C enabled, picked at run time. Both compile the same
@@ -54,7 +56,8 @@ pub fn has_avx2() -> bool {
         use std::sync::OnceLock;
         static AVX2: OnceLock<bool> = OnceLock::new();
         *AVX2.get_or_init(|| {
-            std::is_x86_feature_detected!("avx2")
+            std::env::var_os("HEARTH_NO_SIMD").is_none_or(|v| v.is_empty() || v == "0")
+                && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
                 && std::is_x86_feature_detected!("f16c")
         })
