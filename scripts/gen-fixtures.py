@@ -80,6 +80,55 @@ CHAT_PROMPTS = [
 
 STEPS = 64
 
+# Pre-tokenizer families to check on SmolLM2's vocab by swapping `tokenizer.ggml.pre`.
+PRE_VARIANTS = ["smollm", "llama-bpe", "qwen2", "gpt-2", "falcon", "default"]
+
+
+def gguf_header_with_pre(path, pre, out):
+    """Writes a tensor-less copy of the GGUF's metadata with `tokenizer.ggml.pre` replaced
+    (enough for llama.cpp's vocab_only loading)."""
+    import struct
+    with open(path, "rb") as f:
+        data = f.read(16 << 20)
+    magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", data, 0)
+    assert magic == b"GGUF"
+    pos = 24
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+    def skip_value(pos, ty):
+        if ty in sizes:
+            return pos + sizes[ty]
+        if ty == 8:
+            (n,) = struct.unpack_from("<Q", data, pos)
+            return pos + 8 + n
+        if ty == 9:
+            ety, n = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            if ety in sizes:
+                return pos + n * sizes[ety]
+            for _ in range(n):
+                pos = skip_value(pos, ety)
+            return pos
+        raise ValueError(ty)
+
+    kvs = []
+    for _ in range(n_kv):
+        start = pos
+        (klen,) = struct.unpack_from("<Q", data, pos)
+        key = data[pos + 8:pos + 8 + klen].decode()
+        pos += 8 + klen
+        (ty,) = struct.unpack_from("<I", data, pos)
+        pos = skip_value(pos + 4, ty)
+        if key == "tokenizer.ggml.pre":
+            b = pre.encode()
+            kvs.append(struct.pack("<Q", klen) + key.encode() + struct.pack("<IQ", 8, len(b)) + b)
+        else:
+            kvs.append(data[start:pos])
+    with open(out, "wb") as f:
+        f.write(struct.pack("<4sIQQ", b"GGUF", version, 0, len(kvs)))
+        for kv in kvs:
+            f.write(kv)
+
 
 def render_chat(llm, messages):
     src = llm.metadata["tokenizer.chat_template"]
@@ -115,9 +164,21 @@ def main():
         ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         back = llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
         tok_cases.append({"text": text, "ids": ids, "detokenized": back})
+    pre_ids = {}
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        for pre in PRE_VARIANTS:
+            path = os.path.join(tmp, f"vocab-{pre}.gguf")
+            gguf_header_with_pre(MODEL, pre, path)
+            voc = Llama(model_path=path, vocab_only=True, verbose=False)
+            pre_ids[pre] = [voc.tokenize(t.encode("utf-8"), add_bos=False, special=True)
+                            for t in TOKENIZER_CASES]
+            del voc
     with open(os.path.join(OUT, "tokenizer-smollm2.json"), "w", encoding="utf-8") as f:
         json.dump({"generator": "scripts/gen-fixtures.py", "llama_cpp_python": __import__("llama_cpp").__version__,
-                   "model": os.path.basename(MODEL), "cases": tok_cases}, f, ensure_ascii=False, indent=1)
+                   "model": os.path.basename(MODEL), "cases": tok_cases,
+                   "pre_variants": {"note": "ids for each case with tokenizer.ggml.pre swapped on the same vocab",
+                                    "ids": pre_ids}}, f, ensure_ascii=False, indent=1)
 
     cases = []
     for p in RAW_PROMPTS:

@@ -78,3 +78,47 @@ fn smollm2_metadata_is_read() {
         .unwrap();
     assert!(rendered.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"));
 }
+
+/// The pre-tokenizer rules of other model families, checked on the same vocab: the
+/// fixture swaps `tokenizer.ggml.pre` in a copy of the file and records llama.cpp's ids.
+#[test]
+fn other_pre_tokenizers_match_llama_cpp() {
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tokenizer-smollm2.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<&str> = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    let variants = fixture["pre_variants"]["ids"].as_object().unwrap();
+    assert!(variants.len() >= 6);
+    let mut file =
+        hearth_models::GgufFile::open(root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .unwrap();
+    let mut failures = Vec::new();
+    for (pre, cases) in variants {
+        file.metadata.insert(
+            "tokenizer.ggml.pre".into(),
+            hearth_models::Value::String(pre.clone()),
+        );
+        let tok = hearth_models::Tokenizer::from_gguf(&file).unwrap();
+        for (text, want) in texts.iter().zip(cases.as_array().unwrap()) {
+            let want: Vec<u32> = serde_json::from_value(want.clone()).unwrap();
+            let got = tok.encode(text, false).unwrap();
+            if got != want {
+                failures.push(format!(
+                    "pre={pre} {text:?}\n  llama.cpp: {want:?}\n  hearth:    {got:?}"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
