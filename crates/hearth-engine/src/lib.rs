@@ -7,12 +7,14 @@ pub mod generate;
 pub mod kv_cache;
 pub mod llama;
 pub mod sampler;
+pub mod scheduler;
 
 pub use device::parse_device;
 pub use generate::{FinishReason, GenerationStats, LoadedModel};
 pub use kv_cache::KvCache;
 pub use llama::{BatchItem, Llama};
 pub use sampler::{Sampler, SamplingParams};
+pub use scheduler::{Event, Request, SchedulerConfig, SchedulerHandle, SubmitError};
 
 /// Why the engine could not do what was asked.
 #[derive(Debug, thiserror::Error)]
