@@ -1,22 +1,14 @@
 //! Batching must not change results: sequences of different lengths run together in one
 //! forward pass give bit-identical logits to each run alone, through prefill and decode.
 
-use std::path::PathBuf;
+mod common;
 
-use candle_core::Device;
 use hearth_engine::sampler::argmax;
-use hearth_engine::{BatchItem, LoadedModel};
+use hearth_engine::BatchItem;
 
 #[test]
 fn batched_logits_equal_solo_logits() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-default-model",
-        path.display()
-    );
-    let model = LoadedModel::load(&path, &Device::Cpu).unwrap();
+    let model = common::default_model();
     let tok = &model.info.tokenizer;
     let prompts = [
         "The capital of France is",

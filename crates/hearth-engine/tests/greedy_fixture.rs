@@ -5,32 +5,21 @@
 //! implementations may legitimately pick different tokens (rounding differs); such a
 //! divergence is accepted and reported, and comparison of that case stops there.
 
-use std::path::PathBuf;
+mod common;
 
-use candle_core::Device;
+use common::root;
 use hearth_engine::sampler::argmax;
-use hearth_engine::LoadedModel;
 use hearth_models::ChatMessage;
 
 const NEAR_TIE: f32 = 1e-2;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 #[test]
 fn greedy_continuations_match_llama_cpp() {
-    let path = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-default-model",
-        path.display()
-    );
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("tests/fixtures/greedy-smollm2.json")).unwrap(),
     )
     .unwrap();
-    let model = LoadedModel::load(&path, &Device::Cpu).unwrap();
+    let model = common::default_model();
     let tok = &model.info.tokenizer;
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 6);

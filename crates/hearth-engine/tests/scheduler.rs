@@ -2,22 +2,15 @@
 //! each the same tokens as running it alone; a client that goes away does not disturb the
 //! others; a full queue refuses instead of growing.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
-use candle_core::Device;
 use hearth_engine::scheduler::{spawn, Event, Request, SchedulerConfig, SubmitError};
 use hearth_engine::{FinishReason, LoadedModel, SamplingParams};
 
 fn model() -> Arc<LoadedModel> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-default-model",
-        path.display()
-    );
-    Arc::new(LoadedModel::load(&path, &Device::Cpu).unwrap())
+    Arc::new(common::default_model())
 }
 
 fn pool() -> Arc<rayon::ThreadPool> {
