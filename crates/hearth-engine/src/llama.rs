@@ -16,7 +16,7 @@ use hearth_kernels::attention::{attend, AttentionShape};
 use hearth_kernels::math::{rms_norm, swiglu_in_place};
 use hearth_kernels::matmul::{QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
-use hearth_models::{GgmlType, GgufFile, ModelConfig, RopeScaling};
+use hearth_models::{GgmlType, GgufFile, ModelConfig, RopeScaling, TensorInfo};
 
 use crate::kv_cache::KvCache;
 use crate::EngineError;
@@ -106,12 +106,15 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn qtensor(&self, name: &str) -> Result<QTensor, EngineError> {
-        let info = self
-            .file
+    fn info(&self, name: &str) -> Result<&TensorInfo, EngineError> {
+        self.file
             .tensors
             .get(name)
-            .ok_or_else(|| EngineError::Load(format!("missing tensor `{name}`")))?;
+            .ok_or_else(|| EngineError::Load(format!("missing tensor `{name}`")))
+    }
+
+    fn qtensor(&self, name: &str) -> Result<QTensor, EngineError> {
+        let info = self.info(name)?;
         // The reader guarantees the slice holds exactly the tensor's bytes.
         qtensor_from_ggml(
             candle_dtype(info.dtype),
@@ -123,11 +126,7 @@ impl Loader<'_> {
     }
 
     fn linear(&self, name: &str) -> Result<Linear, EngineError> {
-        let info = self
-            .file
-            .tensors
-            .get(name)
-            .ok_or_else(|| EngineError::Load(format!("missing tensor `{name}`")))?;
+        let info = self.info(name)?;
         let format = match info.dtype {
             GgmlType::Q4_0 => Some(QFormat::Q4_0),
             GgmlType::Q4_1 => Some(QFormat::Q4_1),
