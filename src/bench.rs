@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use hearth_engine::sampler::Rng;
-use hearth_engine::BatchItem;
+use hearth_engine::{BatchItem, BlockTable};
 
 use crate::ModelArgs;
 
@@ -75,17 +75,21 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut random_tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
 
+    // One block pool for every test; each repetition gives its blocks back.
+    let mut cache = model.model.cache_for_sequences(args.batch.max(1))?;
     let mut samples = Vec::new();
     if args.n_prompt > 0 {
         let tokens = random_tokens(args.n_prompt);
         // One warm-up pass, as llama-bench does.
-        model.prefill(&tokens, &mut model.model.new_cache())?;
+        let mut table = BlockTable::new();
+        model.prefill(&mut cache, &mut table, &tokens)?;
+        cache.release(&mut table);
         let mut tps = Vec::new();
         for _ in 0..args.repetitions {
-            let mut cache = model.model.new_cache();
             let t = Instant::now();
-            model.prefill(&tokens, &mut cache)?;
+            model.prefill(&mut cache, &mut table, &tokens)?;
             tps.push(args.n_prompt as f64 / t.elapsed().as_secs_f64());
+            cache.release(&mut table);
         }
         samples.push(Sample {
             test: format!("pp{}", args.n_prompt),
@@ -94,17 +98,18 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.n_gen > 0 {
         let tokens = random_tokens(args.n_gen);
-        model
-            .model
-            .forward(&tokens[..1], &mut model.model.new_cache())?;
+        let mut table = BlockTable::new();
+        model.model.forward(&mut cache, &mut table, &tokens[..1])?;
+        cache.release(&mut table);
         let mut tps = Vec::new();
         for _ in 0..args.repetitions {
-            let mut cache = model.model.new_cache();
             let t = Instant::now();
             for tok in &tokens {
-                model.model.forward(std::slice::from_ref(tok), &mut cache)?;
+                let one = std::slice::from_ref(tok);
+                model.model.forward(&mut cache, &mut table, one)?;
             }
             tps.push(args.n_gen as f64 / t.elapsed().as_secs_f64());
+            cache.release(&mut table);
         }
         samples.push(Sample {
             test: format!("tg{}", args.n_gen),
@@ -116,20 +121,23 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let steps: Vec<Vec<u32>> = (0..args.n_gen).map(|_| random_tokens(args.batch)).collect();
         let mut tps = Vec::new();
         for _ in 0..args.repetitions {
-            let mut caches: Vec<_> = (0..args.batch).map(|_| model.model.new_cache()).collect();
+            let mut tables: Vec<_> = (0..args.batch).map(|_| BlockTable::new()).collect();
             let t = Instant::now();
             for step in &steps {
                 let mut items: Vec<BatchItem> = step
                     .iter()
-                    .zip(caches.iter_mut())
-                    .map(|(tok, cache)| BatchItem {
+                    .zip(tables.iter_mut())
+                    .map(|(tok, table)| BatchItem {
                         tokens: std::slice::from_ref(tok),
-                        cache,
+                        table,
                     })
                     .collect();
-                model.model.forward_batch(&mut items)?;
+                model.model.forward_batch(&mut cache, &mut items)?;
             }
             tps.push((args.n_gen * args.batch) as f64 / t.elapsed().as_secs_f64());
+            for table in &mut tables {
+                cache.release(table);
+            }
         }
         samples.push(Sample {
             test: format!("tg{} b{}", args.n_gen, args.batch),

@@ -5,8 +5,12 @@
 //! Small models are chaotic here: one changed bit in a score can move the logits by
 //! tenths once activations are requantized, so "close" is not enough.
 //!
-//! Layout: keys `[cell][kv_head * head_dim + d]`; values transposed per head,
-//! `[kv_head][d][cell]`, so the value dot runs along contiguous cells.
+//! Layout: the cache is paged. A sequence's tokens live in blocks of `block_size` cells
+//! listed by its block table; within block `b`, keys are
+//! `k[(b * block_size + cell) * kv_width + kv_head * head_dim + d]` and values are
+//! transposed, `v[(b * kv_width + kv_head * head_dim + d) * block_size + cell]`, so the
+//! value dot runs along contiguous cells. Block boundaries do not change any sum: rows are
+//! gathered into one scratch row before each dot.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -20,8 +24,18 @@ pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// Cells allocated per value row (the stride of `[kv_head][d][..]`).
-    pub capacity: usize,
+}
+
+/// One layer of a paged f16 KV cache, seen through one sequence's block table.
+#[derive(Clone, Copy, Debug)]
+pub struct KvView<'a> {
+    /// Keys of the whole pool, `[block][cell][kv_width]`.
+    pub k: &'a [f16],
+    /// Values of the whole pool, transposed per block: `[block][kv_width][cell]`.
+    pub v: &'a [f16],
+    /// The sequence's blocks, in token order.
+    pub blocks: &'a [u32],
+    pub block_size: usize,
 }
 
 /// Dot of two rows (f16 values widened to f32) the way ggml's `ggml_vec_dot_f16` does it
@@ -82,8 +96,7 @@ struct Scratch {
 /// What one (query row, head) task needs to know.
 #[derive(Clone, Copy)]
 struct HeadTask<'a> {
-    k: &'a [f16],
-    v_t: &'a [f16],
+    kv: KvView<'a>,
     shape: AttentionShape,
     scale: f32,
     visible: usize,
@@ -100,6 +113,7 @@ multiversion! {
         let kv_width = s.kv_heads * hd;
         let g = task.kv_head;
         let Scratch { q: qf, row, w, p } = scratch;
+        let bs = task.kv.block_size;
         // The query meets the keys as f16.
         for (d, &x) in qf.iter_mut().zip(q) {
             *d = f16::from_f32(x).to_f32();
@@ -107,7 +121,8 @@ multiversion! {
         let mut max = f32::NEG_INFINITY;
         for (j, wj) in w.iter_mut().enumerate() {
             *wj = if j < task.visible {
-                let key = &task.k[j * kv_width + g * hd..j * kv_width + (g + 1) * hd];
+                let cell = task.kv.blocks[j / bs] as usize * bs + j % bs;
+                let key = &task.kv.k[cell * kv_width + g * hd..][..hd];
                 key.convert_to_f32_slice(&mut row[..hd]);
                 let dot = if task.tiled_scores {
                     dot_tiled(&row[..hd], qf)
@@ -134,9 +149,15 @@ multiversion! {
         for (pj, &e) in p.iter_mut().zip(w.iter()) {
             *pj = f16::from_f32(e * inv).to_f32();
         }
+        // Cells past the visible ones have probability 0; they are summed as zeros.
         let n = round_up64(task.visible);
+        row[task.visible..n].fill(0.0);
         for (d, od) in out.iter_mut().enumerate() {
-            task.v_t[(g * hd + d) * s.capacity..][..n].convert_to_f32_slice(&mut row[..n]);
+            let r = g * hd + d;
+            for (bi, dst) in row[..task.visible].chunks_mut(bs).enumerate() {
+                let b = task.kv.blocks[bi] as usize;
+                task.kv.v[(b * kv_width + r) * bs..][..dst.len()].convert_to_f32_slice(dst);
+            }
             *od = if task.tiled_values {
                 dot_tiled(&row[..n], &p[..n])
             } else {
@@ -147,17 +168,12 @@ multiversion! {
 }
 
 /// `q`: `seq` rows of `heads * head_dim` (already rotated), for positions `pos..pos+seq`.
-/// `k` holds at least `pos + seq` cells, `v_t` the matching values with rows of
-/// `capacity` cells, which must be at least `pos + seq` rounded up to 64 (cells past the
-/// sequence are read with probability 0, so they must only be finite). Writes `out` like
-/// `q`.
-#[allow(clippy::too_many_arguments)]
+/// `kv`'s blocks hold at least `pos + seq` cells. Writes `out` like `q`.
 pub fn attend(
     q: &[f32],
     seq: usize,
     pos: usize,
-    k: &[f16],
-    v_t: &[f16],
+    kv: KvView<'_>,
     s: AttentionShape,
     scale: f32,
     out: &mut [f32],
@@ -166,8 +182,8 @@ pub fn attend(
     let n_rep = s.heads / s.kv_heads;
     let padded = round_up64(pos + seq);
     assert!(
-        s.capacity >= padded,
-        "value rows must hold the padded length"
+        kv.blocks.len() * kv.block_size >= pos + seq,
+        "the block table must cover every visible cell"
     );
     // llama.cpp hands matmuls with two or more query rows to tinyBLAS and single rows to
     // ggml_vec_dot_f16; the two sum in different orders. tinyBLAS declines a key length
@@ -184,8 +200,7 @@ pub fn attend(
         |scratch, (idx, o)| {
             let (t, h) = (idx / s.heads, idx % s.heads);
             let task = HeadTask {
-                k,
-                v_t,
+                kv,
                 shape: s,
                 scale,
                 visible: pos + t + 1,
@@ -202,17 +217,18 @@ pub fn attend(
 mod tests {
     use super::*;
 
-    /// Plain f64 attention on the same f16-rounded inputs, for comparison.
+    /// Plain f64 attention on the same f16-rounded inputs; `k`, `v` are `[pos][kv_width]`.
     fn reference(
         q: &[f32],
         seq: usize,
         pos: usize,
         k: &[f16],
-        v_t: &[f16],
+        v: &[f16],
         s: AttentionShape,
         scale: f32,
     ) -> Vec<f32> {
         let hd = s.head_dim;
+        let width = s.kv_heads * hd;
         let mut out = vec![0f32; q.len()];
         for t in 0..seq {
             for h in 0..s.heads {
@@ -224,7 +240,7 @@ mod tests {
                 let vis = pos + t + 1;
                 let scores: Vec<f64> = (0..vis)
                     .map(|j| {
-                        let key = &k[j * s.kv_heads * hd + g * hd..][..hd];
+                        let key = &k[j * width + g * hd..][..hd];
                         key.iter()
                             .zip(&qrow)
                             .map(|(a, b)| a.to_f64() * b)
@@ -236,49 +252,91 @@ mod tests {
                 let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for d in 0..hd {
-                    let row = &v_t[(g * hd + d) * s.capacity..];
-                    out[(t * s.heads + h) * hd + d] =
-                        (0..vis).map(|j| e[j] / z * row[j].to_f64()).sum::<f64>() as f32;
+                    out[(t * s.heads + h) * hd + d] = (0..vis)
+                        .map(|j| e[j] / z * v[j * width + g * hd + d].to_f64())
+                        .sum::<f64>() as f32;
                 }
             }
         }
         out
     }
 
+    /// Lays `[pos][width]` rows into a pool of `pool_blocks` blocks along `blocks`.
+    fn paged(
+        k: &[f16],
+        v: &[f16],
+        width: usize,
+        bs: usize,
+        pool_blocks: usize,
+        blocks: &[u32],
+    ) -> (Vec<f16>, Vec<f16>) {
+        let mut kp = vec![f16::from_f32(7.0); pool_blocks * bs * width];
+        let mut vp = vec![f16::from_f32(-7.0); pool_blocks * bs * width];
+        for j in 0..k.len() / width {
+            let b = blocks[j / bs] as usize;
+            let cell = j % bs;
+            for d in 0..width {
+                kp[(b * bs + cell) * width + d] = k[j * width + d];
+                vp[(b * width + d) * bs + cell] = v[j * width + d];
+            }
+        }
+        (kp, vp)
+    }
+
     #[test]
-    fn matches_plain_attention_within_f16_rounding() {
+    fn paged_attention_matches_plain_attention_and_ignores_the_block_order() {
         let s = AttentionShape {
             heads: 4,
             kv_heads: 2,
             head_dim: 32,
-            capacity: 64,
         };
-        let (pos, seq) = (5, 3);
-        let total = pos + seq;
+        let width = s.kv_heads * s.head_dim;
+        let bs = 4;
+        let (pos, seq) = (5, 6);
+        let total = pos + seq; // 11 cells: three blocks, the last one partly used
         let f = |i: usize| (i * 7919 % 1000) as f32 / 500.0 - 1.0;
-        let k: Vec<f16> = (0..total * s.kv_heads * s.head_dim)
-            .map(|i| f16::from_f32(f(i)))
+        let k: Vec<f16> = (0..total * width).map(|i| f16::from_f32(f(i))).collect();
+        let v: Vec<f16> = (0..total * width)
+            .map(|i| f16::from_f32(f(i + 3)))
             .collect();
-        let mut v_t = vec![f16::ZERO; s.kv_heads * s.head_dim * s.capacity];
-        for (i, x) in v_t.iter_mut().enumerate() {
-            if i % s.capacity < total {
-                *x = f16::from_f32(f(i + 3));
-            }
-        }
         let q: Vec<f32> = (0..seq * s.heads * s.head_dim)
             .map(|i| f(i + 11) * 2.0)
             .collect();
-        let mut out = vec![0f32; q.len()];
-        attend(&q, seq, pos, &k, &v_t, s, 0.2, &mut out);
-        let want = reference(&q, seq, pos, &k, &v_t, s, 0.2);
-        for (a, b) in out.iter().zip(&want) {
-            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        let want = reference(&q, seq, pos, &k, &v, s, 0.2);
+        let mut results = Vec::new();
+        for blocks in [[0u32, 1, 2], [4, 0, 2]] {
+            let (kp, vp) = paged(&k, &v, width, bs, 5, &blocks);
+            let kv = KvView {
+                k: &kp,
+                v: &vp,
+                blocks: &blocks,
+                block_size: bs,
+            };
+            let mut out = vec![0f32; q.len()];
+            attend(&q, seq, pos, kv, s, 0.2, &mut out);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+            }
+            results.push(out);
         }
+        assert_eq!(
+            results[0], results[1],
+            "where the blocks are changes no bit"
+        );
+
         // The first query row of a fresh sequence sees only itself: output = its value.
+        let blocks = [3u32];
+        let (kp, vp) = paged(&k[..width], &v[..width], width, bs, 5, &blocks);
+        let kv = KvView {
+            k: &kp,
+            v: &vp,
+            blocks: &blocks,
+            block_size: bs,
+        };
         let mut one = vec![0f32; s.heads * s.head_dim];
-        attend(&q[..s.heads * s.head_dim], 1, 0, &k, &v_t, s, 0.2, &mut one);
+        attend(&q[..s.heads * s.head_dim], 1, 0, kv, s, 0.2, &mut one);
         for d in 0..s.head_dim {
-            assert_eq!(one[d], v_t[d * s.capacity].to_f32());
+            assert_eq!(one[d], v[d].to_f32());
         }
     }
 }

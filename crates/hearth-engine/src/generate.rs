@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use hearth_models::GgufModel;
 
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{BlockTable, KvCache};
 use crate::llama::Llama;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::EngineError;
@@ -52,10 +52,15 @@ impl LoadedModel {
     }
 
     /// Runs the prompt through the model, in chunks, and returns the last logits.
-    pub fn prefill(&self, prompt: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
+    pub fn prefill(
+        &self,
+        cache: &mut KvCache,
+        table: &mut BlockTable,
+        prompt: &[u32],
+    ) -> Result<Vec<f32>, EngineError> {
         let mut logits = Vec::new();
         for chunk in prompt.chunks(PREFILL_CHUNK) {
-            logits = self.model.forward(chunk, cache)?;
+            logits = self.model.forward(cache, table, chunk)?;
         }
         Ok(logits)
     }
@@ -83,11 +88,12 @@ impl LoadedModel {
         params.validate().map_err(EngineError::Input)?;
         let max_tokens = max_tokens.min(ctx - prompt.len());
         let mut sampler = Sampler::new(params);
-        let mut cache = self.model.new_cache();
+        let mut cache = self.model.cache_for_sequences(1)?;
+        let mut table = BlockTable::new();
         let mut history = prompt.to_vec();
 
         let start = Instant::now();
-        let mut logits = self.prefill(prompt, &mut cache)?;
+        let mut logits = self.prefill(&mut cache, &mut table, prompt)?;
         let prompt_time = start.elapsed();
 
         let start = Instant::now();
@@ -108,7 +114,7 @@ impl LoadedModel {
             if generated == max_tokens {
                 break;
             }
-            logits = self.model.forward(&[tok], &mut cache)?;
+            logits = self.model.forward(&mut cache, &mut table, &[tok])?;
         }
         Ok(GenerationStats {
             prompt_tokens: prompt.len(),

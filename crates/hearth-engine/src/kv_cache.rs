@@ -1,61 +1,36 @@
-//! A per-sequence KV cache in f16 (llama.cpp's default cache type).
+//! The paged KV cache: one pool of fixed-size blocks shared by every sequence, and a
+//! [`BlockTable`] per sequence listing the blocks that hold its tokens, in order.
 //!
-//! On the CPU the cache is plain memory laid out for `hearth_kernels::attention`: keys
-//! `[cell][kv_head * head_dim]`, values transposed `[kv_head][d][cell]`. On a GPU it is a
-//! pair of candle tensors per layer, `(kv_heads, capacity, head_dim)`, written in place.
-//! Both grow by doubling (in multiples of 64 cells) up to the context length.
+//! Sequences take blocks as they grow and give them all back when they finish, so memory
+//! goes where the tokens are, not where a context length might have been; the scheduler
+//! admits work by free blocks and preempts when the pool runs dry.
+//!
+//! Values are stored in f16 (llama.cpp's default cache type). On the CPU a block of one
+//! layer holds keys `[cell][kv_head * head_dim]` and values transposed
+//! `[kv_head * head_dim][cell]`, the layout `hearth_kernels::attention` reads; the buffers
+//! are zero-allocated, so untouched blocks cost no resident memory. On a GPU each layer is
+//! a pair of candle tensors `(blocks * block_size, kv_heads, head_dim)`, written in place
+//! and gathered by the block table.
 
 use candle_core::{DType, Device, Tensor};
 use half::f16;
+use half::slice::HalfBitsSliceExt;
 
 use crate::EngineError;
 
-const MIN_CAPACITY: usize = 256;
+/// Tokens per block.
+pub const BLOCK_SIZE: usize = 16;
 
-struct HostLayer {
-    k: Vec<f16>,
-    v_t: Vec<f16>,
-}
-
-enum Storage {
-    Host(Vec<HostLayer>),
-    Device(Vec<(Tensor, Tensor)>),
-}
-
-pub struct KvCache {
-    storage: Storage,
-    num_layers: usize,
+/// Where one sequence's tokens live in the pool.
+#[derive(Debug, Default)]
+pub struct BlockTable {
+    blocks: Vec<u32>,
     len: usize,
-    capacity: usize,
-    max_len: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    device: Device,
 }
 
-impl KvCache {
-    pub fn new(
-        num_layers: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
-        max_len: usize,
-        device: &Device,
-    ) -> Self {
-        let storage = if device.is_cpu() {
-            Storage::Host(Vec::new())
-        } else {
-            Storage::Device(Vec::new())
-        };
-        Self {
-            storage,
-            num_layers,
-            len: 0,
-            capacity: 0,
-            max_len,
-            num_kv_heads,
-            head_dim,
-            device: device.clone(),
-        }
+impl BlockTable {
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Tokens cached so far.
@@ -67,119 +42,268 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Cells allocated per layer.
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    /// Block ids, in token order.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
     }
 
-    /// Forgets everything after the first `len` tokens.
+    /// Forgets everything after the first `len` tokens (the blocks stay held).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+}
 
-    /// Bytes held by the buffers.
+struct HostLayer {
+    /// f16 bits; `u16` so that the allocation is zeroed lazily by the OS.
+    k: Vec<u16>,
+    v: Vec<u16>,
+}
+
+enum Storage {
+    Host(Vec<HostLayer>),
+    Device(Vec<(Tensor, Tensor)>),
+}
+
+/// The block pool, for all layers.
+pub struct KvCache {
+    storage: Storage,
+    num_layers: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    num_blocks: usize,
+    /// Free block ids; taken from the end.
+    free: Vec<u32>,
+}
+
+impl KvCache {
+    /// A pool of `num_blocks` blocks of [`BLOCK_SIZE`] tokens.
+    pub fn new(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        num_blocks: usize,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        if num_blocks == 0 || num_blocks > u32::MAX as usize {
+            return Err(EngineError::Input(format!(
+                "a KV cache of {num_blocks} blocks is not possible"
+            )));
+        }
+        let cells = num_blocks * BLOCK_SIZE;
+        let width = num_kv_heads * head_dim;
+        let storage = if device.is_cpu() {
+            Storage::Host(
+                (0..num_layers)
+                    .map(|_| HostLayer {
+                        k: vec![0u16; cells * width],
+                        v: vec![0u16; cells * width],
+                    })
+                    .collect(),
+            )
+        } else {
+            let shape = (cells, num_kv_heads, head_dim);
+            let mut layers = Vec::with_capacity(num_layers);
+            for _ in 0..num_layers {
+                layers.push((
+                    Tensor::zeros(shape, DType::F16, device)?,
+                    Tensor::zeros(shape, DType::F16, device)?,
+                ));
+            }
+            Storage::Device(layers)
+        };
+        Ok(Self {
+            storage,
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            num_blocks,
+            free: (0..num_blocks as u32).rev().collect(),
+        })
+    }
+
+    /// Bytes one block takes over all layers (keys and values).
+    pub fn block_bytes(num_layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
+        num_layers * 2 * BLOCK_SIZE * num_kv_heads * head_dim * std::mem::size_of::<f16>()
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.num_blocks - self.free.len()
+    }
+
+    /// Tokens the whole pool can hold.
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks * BLOCK_SIZE
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(tokens: usize) -> usize {
+        tokens.div_ceil(BLOCK_SIZE)
+    }
+
+    /// Bytes held by the pool.
     pub fn size_bytes(&self) -> usize {
-        self.num_layers * 2 * self.num_kv_heads * self.capacity * self.head_dim * 2
+        self.num_blocks * Self::block_bytes(self.num_layers, self.num_kv_heads, self.head_dim)
     }
 
-    /// Makes room for `total` tokens (plus padding to a multiple of 64 cells).
-    pub(crate) fn reserve(&mut self, total: usize) -> Result<(), EngineError> {
-        let needed = total.div_ceil(64) * 64;
-        if needed <= self.capacity {
-            return Ok(());
+    /// Grows `table` to hold `total` tokens. All or nothing: when the pool has too few
+    /// free blocks nothing is taken and `false` comes back.
+    pub fn allocate(&mut self, table: &mut BlockTable, total: usize) -> bool {
+        let needed = Self::blocks_for(total).saturating_sub(table.blocks.len());
+        if needed > self.free.len() {
+            return false;
         }
-        let limit = self.max_len.div_ceil(64) * 64;
-        let cap = needed
-            .max(self.capacity * 2)
-            .max(MIN_CAPACITY)
-            .min(limit.max(needed));
-        let width = self.num_kv_heads * self.head_dim;
-        let (old_cap, len) = (self.capacity, self.len);
-        match &mut self.storage {
-            Storage::Host(layers) => {
-                if layers.is_empty() {
-                    layers.extend((0..self.num_layers).map(|_| HostLayer {
-                        k: Vec::new(),
-                        v_t: Vec::new(),
-                    }));
-                }
-                for l in layers.iter_mut() {
-                    l.k.resize(cap * width, f16::ZERO);
-                    let mut v_t = vec![f16::ZERO; width * cap];
-                    for row in 0..width {
-                        v_t[row * cap..row * cap + len]
-                            .copy_from_slice(&l.v_t[row * old_cap..row * old_cap + len]);
-                    }
-                    l.v_t = v_t;
-                }
-            }
-            Storage::Device(layers) => {
-                let shape = (self.num_kv_heads, cap, self.head_dim);
-                let mut grown = Vec::with_capacity(self.num_layers);
-                for i in 0..self.num_layers {
-                    let nk = Tensor::zeros(shape, DType::F16, &self.device)?;
-                    let nv = Tensor::zeros(shape, DType::F16, &self.device)?;
-                    if let (Some((k, v)), true) = (layers.get(i), len > 0) {
-                        nk.slice_set(&k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-                        nv.slice_set(&v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-                    }
-                    grown.push((nk, nv));
-                }
-                *layers = grown;
-            }
-        }
-        self.capacity = cap;
-        Ok(())
+        let from = self.free.len() - needed;
+        table.blocks.extend(self.free.drain(from..).rev());
+        true
     }
 
-    /// CPU: stores `k`, `v` (`seq` rows of kv_heads * head_dim) after the committed tokens
-    /// and returns the layer's keys and transposed values.
-    pub(crate) fn append_host(
+    /// Gives all of `table`'s blocks back to the pool and empties it.
+    pub fn release(&mut self, table: &mut BlockTable) {
+        self.free.extend(table.blocks.drain(..).rev());
+        table.len = 0;
+    }
+
+    /// CPU: stores `k`, `v` (rows of kv_heads * head_dim) in `table`'s cells after its
+    /// committed tokens. The cells must have been allocated.
+    pub(crate) fn write_host(
         &mut self,
         layer: usize,
+        table: &BlockTable,
         k: &[f32],
         v: &[f32],
-    ) -> Result<(&[f16], &[f16]), EngineError> {
+    ) -> Result<(), EngineError> {
         let width = self.num_kv_heads * self.head_dim;
-        let (len, cap) = (self.len, self.capacity);
         let Storage::Host(layers) = &mut self.storage else {
-            return Err(EngineError::Device("host append on a device cache".into()));
+            return Err(EngineError::Device("host write to a device cache".into()));
         };
         let l = &mut layers[layer];
         for (t, (krow, vrow)) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
-            let cell = len + t;
+            let pos = table.len + t;
+            let block = table.blocks[pos / BLOCK_SIZE] as usize;
+            let within = pos % BLOCK_SIZE;
+            let cell = block * BLOCK_SIZE + within;
             for (dst, &x) in l.k[cell * width..(cell + 1) * width].iter_mut().zip(krow) {
-                *dst = f16::from_f32(x);
+                *dst = f16::from_f32(x).to_bits();
             }
+            let vb = &mut l.v[block * BLOCK_SIZE * width..(block + 1) * BLOCK_SIZE * width];
             for (row, &x) in vrow.iter().enumerate() {
-                l.v_t[row * cap + cell] = f16::from_f32(x);
+                vb[row * BLOCK_SIZE + within] = f16::from_f32(x).to_bits();
             }
         }
-        Ok((&l.k, &l.v_t))
+        Ok(())
     }
 
-    /// GPU: writes `k`, `v` (kv_heads, seq, head_dim) after the committed tokens and
-    /// returns all keys and values so far as f32.
+    /// CPU: one layer's keys and transposed values, for all blocks.
+    pub(crate) fn host_layer(&self, layer: usize) -> Result<(&[f16], &[f16]), EngineError> {
+        let Storage::Host(layers) = &self.storage else {
+            return Err(EngineError::Device("host read of a device cache".into()));
+        };
+        let l = &layers[layer];
+        Ok((l.k.reinterpret_cast(), l.v.reinterpret_cast()))
+    }
+
+    /// GPU: writes `k`, `v` (seq, kv_heads, head_dim) after `table`'s committed tokens and
+    /// returns all of its keys and values so far as f32, `(kv_heads, total, head_dim)`.
     pub(crate) fn append_device(
         &mut self,
         layer: usize,
+        table: &BlockTable,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor), EngineError> {
-        let seq = k.dim(1)?;
-        let len = self.len;
+        let seq = k.dim(0)?;
+        let total = table.len + seq;
         let Storage::Device(layers) = &self.storage else {
-            return Err(EngineError::Device("device append on a host cache".into()));
+            return Err(EngineError::Device("device write to a host cache".into()));
         };
         let (ck, cv) = &layers[layer];
-        ck.slice_set(&k.to_dtype(DType::F16)?, 1, len)?;
-        cv.slice_set(&v.to_dtype(DType::F16)?, 1, len)?;
-        let all = |c: &Tensor| c.narrow(1, 0, len + seq)?.to_dtype(DType::F32);
-        Ok((all(ck)?, all(cv)?))
+        let (k, v) = (k.to_dtype(DType::F16)?, v.to_dtype(DType::F16)?);
+        // Write run by run: the new tokens' cells are contiguous within each block.
+        let mut t = 0;
+        while t < seq {
+            let pos = table.len + t;
+            let within = pos % BLOCK_SIZE;
+            let run = (BLOCK_SIZE - within).min(seq - t);
+            let cell = table.blocks[pos / BLOCK_SIZE] as usize * BLOCK_SIZE + within;
+            ck.slice_set(&k.narrow(0, t, run)?.contiguous()?, 0, cell)?;
+            cv.slice_set(&v.narrow(0, t, run)?.contiguous()?, 0, cell)?;
+            t += run;
+        }
+        let cells: Vec<u32> = (0..total)
+            .map(|p| table.blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
+            .collect();
+        let ids = Tensor::from_vec(cells, total, ck.device())?;
+        let gather = |c: &Tensor| -> candle_core::Result<Tensor> {
+            c.index_select(&ids, 0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .to_dtype(DType::F32)
+        };
+        Ok((gather(ck)?, gather(cv)?))
     }
 
-    /// Marks the tokens written by the last appends as part of the sequence.
-    pub(crate) fn commit(&mut self, total: usize) {
-        self.len = total;
+    /// Marks the tokens written by the last writes as part of the sequence.
+    pub(crate) fn commit(table: &mut BlockTable, total: usize) {
+        table.len = total;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_taken_all_or_nothing_and_given_back() {
+        let mut c = KvCache::new(2, 1, 4, 4, &Device::Cpu).unwrap();
+        let (mut a, mut b) = (BlockTable::new(), BlockTable::new());
+        assert!(c.allocate(&mut a, 17)); // 2 blocks
+        assert_eq!(c.free_blocks(), 2);
+        assert!(!c.allocate(&mut b, 3 * BLOCK_SIZE)); // needs 3
+        assert!(b.blocks().is_empty());
+        assert_eq!(c.free_blocks(), 2);
+        assert!(c.allocate(&mut a, 2 * BLOCK_SIZE)); // already held
+        assert_eq!(c.free_blocks(), 2);
+        assert!(c.allocate(&mut b, 2 * BLOCK_SIZE));
+        assert_eq!(c.used_blocks(), 4);
+        c.release(&mut a);
+        assert_eq!((c.free_blocks(), a.len()), (2, 0));
+        let held: std::collections::HashSet<u32> = b.blocks().iter().copied().collect();
+        assert!(c.allocate(&mut a, 1));
+        assert!(
+            !held.contains(&a.blocks()[0]),
+            "a block is never handed out twice"
+        );
+    }
+
+    #[test]
+    fn host_writes_land_in_the_tables_cells() {
+        let mut c = KvCache::new(1, 2, 2, 3, &Device::Cpu).unwrap();
+        let (mut other, mut t) = (BlockTable::new(), BlockTable::new());
+        assert!(c.allocate(&mut other, 1)); // so t does not start at block 0
+        assert!(c.allocate(&mut t, BLOCK_SIZE + 1));
+        let width = 4;
+        let rows = BLOCK_SIZE + 1;
+        let k: Vec<f32> = (0..rows * width).map(|i| i as f32).collect();
+        let v: Vec<f32> = (0..rows * width).map(|i| -(i as f32)).collect();
+        c.write_host(0, &t, &k, &v).unwrap();
+        KvCache::commit(&mut t, rows);
+        let (kc, vc) = c.host_layer(0).unwrap();
+        for pos in 0..rows {
+            let block = t.blocks()[pos / BLOCK_SIZE] as usize;
+            let cell = block * BLOCK_SIZE + pos % BLOCK_SIZE;
+            for d in 0..width {
+                assert_eq!(kc[cell * width + d].to_f32(), (pos * width + d) as f32);
+                let vv = vc[block * BLOCK_SIZE * width + d * BLOCK_SIZE + pos % BLOCK_SIZE];
+                assert_eq!(vv.to_f32(), -((pos * width + d) as f32));
+            }
+        }
     }
 }

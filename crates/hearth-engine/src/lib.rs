@@ -11,7 +11,7 @@ pub mod scheduler;
 
 pub use device::parse_device;
 pub use generate::{FinishReason, GenerationStats, LoadedModel};
-pub use kv_cache::KvCache;
+pub use kv_cache::{BlockTable, KvCache, BLOCK_SIZE};
 pub use llama::{BatchItem, Llama};
 pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{Event, Request, SchedulerConfig, SchedulerHandle, SubmitError};
@@ -25,6 +25,8 @@ pub enum EngineError {
     Load(String),
     #[error("the prompt and output need {needed} tokens but the model's context is {context}")]
     ContextOverflow { needed: usize, context: usize },
+    #[error("the KV cache is full: {needed} blocks needed, {free} free")]
+    KvCacheFull { needed: usize, free: usize },
     #[error("invalid input: {0}")]
     Input(String),
     #[error("device: {0}")]

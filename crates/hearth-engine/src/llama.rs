@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
-use hearth_kernels::attention::{attend, AttentionShape};
+use hearth_kernels::attention::{attend, AttentionShape, KvView};
 use hearth_kernels::math::{rms_norm, swiglu_in_place};
 use hearth_kernels::matmul::{QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
 use hearth_models::{GgmlType, GgufFile, ModelConfig, RopeScaling, TensorInfo};
 
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{BlockTable, KvCache, BLOCK_SIZE};
 use crate::EngineError;
 
 /// A weight matrix applied as `x · Wᵀ`: our own kernels for the formats they cover on the
@@ -171,10 +171,10 @@ struct Block {
     w_down: Linear,
 }
 
-/// One sequence's part of a batched forward pass: its new tokens and its cache.
+/// One sequence's part of a batched forward pass: its new tokens and its block table.
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    pub table: &'a mut BlockTable,
 }
 
 /// The loaded decoder.
@@ -241,32 +241,57 @@ impl Llama {
         &self.device
     }
 
-    /// A KV cache for one sequence, sized on demand up to the context length.
-    pub fn new_cache(&self) -> KvCache {
+    /// A KV block pool of `num_blocks` blocks.
+    pub fn new_cache(&self, num_blocks: usize) -> Result<KvCache, EngineError> {
+        let c = &self.config;
         KvCache::new(
-            self.config.num_layers,
-            self.config.num_kv_heads,
-            self.config.head_dim,
-            self.config.context_length,
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            num_blocks,
             &self.device,
         )
     }
 
-    /// Runs `tokens` (at positions `cache.len()..`) through the decoder, appends their
-    /// keys and values to `cache`, and returns the logits of the last position as f32.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
-        let mut logits = self.forward_batch(&mut [BatchItem { tokens, cache }])?;
+    /// A KV block pool that holds `sequences` sequences of the full context length (on
+    /// the CPU, memory is only taken as blocks are written).
+    pub fn cache_for_sequences(&self, sequences: usize) -> Result<KvCache, EngineError> {
+        let blocks = KvCache::blocks_for(self.config.context_length);
+        self.new_cache(blocks * sequences.max(1))
+    }
+
+    /// Bytes one KV block takes.
+    pub fn kv_block_bytes(&self) -> usize {
+        let c = &self.config;
+        KvCache::block_bytes(c.num_layers, c.num_kv_heads, c.head_dim)
+    }
+
+    /// Runs `tokens` (at positions `table.len()..`) through the decoder, appends their
+    /// keys and values to the sequence's blocks, and returns the logits of the last
+    /// position as f32.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        table: &mut BlockTable,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut logits = self.forward_batch(cache, &mut [BatchItem { tokens, table }])?;
         Ok(logits.pop().unwrap_or_default())
     }
 
     /// Runs several sequences in one pass: every matmul takes the rows of all of them, so
     /// the weights are read once per step however many sequences there are; attention
-    /// runs per sequence over its own cache. Returns each item's last-position logits.
-    /// Each sequence's result is bit-identical to running it alone.
-    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    /// runs per sequence over its own blocks. Returns each item's last-position logits.
+    /// Each sequence's result is bit-identical to running it alone. Blocks for the new
+    /// tokens are taken from `cache` as needed; when it has too few, nothing runs.
+    pub fn forward_batch(
+        &self,
+        cache: &mut KvCache,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
         for item in items.iter() {
-            let (seq, pos) = (item.tokens.len(), item.cache.len());
+            let (seq, pos) = (item.tokens.len(), item.table.len());
             if seq == 0 {
                 return Err(EngineError::Input("no tokens to run".into()));
             }
@@ -289,7 +314,16 @@ impl Llama {
         };
         let mut ropes = Vec::with_capacity(items.len());
         for item in items.iter_mut() {
-            let pos = item.cache.len();
+            let total = item.table.len() + item.tokens.len();
+            if !cache.allocate(item.table, total) {
+                return Err(EngineError::KvCacheFull {
+                    needed: KvCache::blocks_for(total),
+                    free: cache.free_blocks(),
+                });
+            }
+        }
+        for item in items.iter_mut() {
+            let pos = item.table.len();
             let positions: Vec<usize> = (pos..pos + item.tokens.len()).collect();
             ropes.push(rope_cache(
                 &positions,
@@ -298,27 +332,26 @@ impl Llama {
                 freq_scale,
                 self.rope_factors.as_deref(),
             ));
-            item.cache.reserve(pos + item.tokens.len())?;
         }
         let logits = if self.device.is_cpu() {
-            self.forward_host(items, &ropes)?
+            self.forward_host(cache, items, &ropes)?
         } else {
             let mut out = Vec::with_capacity(items.len());
             for (item, rope) in items.iter_mut().zip(&ropes) {
-                let pos = item.cache.len();
-                out.push(self.forward_device(item.tokens, pos, rope, item.cache)?);
+                out.push(self.forward_device(cache, item.table, item.tokens, rope)?);
             }
             out
         };
         for item in items.iter_mut() {
-            let total = item.cache.len() + item.tokens.len();
-            item.cache.commit(total);
+            let total = item.table.len() + item.tokens.len();
+            KvCache::commit(item.table, total);
         }
         Ok(logits)
     }
 
     fn forward_host(
         &self,
+        cache: &mut KvCache,
         items: &mut [BatchItem<'_>],
         ropes: &[Vec<(f32, f32)>],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
@@ -348,7 +381,7 @@ impl Llama {
             let v = b.wv.forward_host(&normed, rows)?;
             for ((item, rope), &start) in items.iter_mut().zip(ropes).zip(&starts) {
                 let seq = item.tokens.len();
-                let pos = item.cache.len();
+                let pos = item.table.len();
                 let qi = &mut q[start * qw..(start + seq) * qw];
                 let ki = &mut k[start * kvw..(start + seq) * kvw];
                 rope_interleaved(qi, nh, hd, c.rope_dim, rope);
@@ -357,12 +390,18 @@ impl Llama {
                     heads: nh,
                     kv_heads: nkv,
                     head_dim: hd,
-                    capacity: item.cache.capacity(),
                 };
                 let vi = &v[start * kvw..(start + seq) * kvw];
-                let (kc, vc) = item.cache.append_host(layer, ki, vi)?;
+                cache.write_host(layer, item.table, ki, vi)?;
+                let (k, v) = cache.host_layer(layer)?;
+                let kv = KvView {
+                    k,
+                    v,
+                    blocks: item.table.blocks(),
+                    block_size: BLOCK_SIZE,
+                };
                 let out = &mut att[start * qw..(start + seq) * qw];
-                attend(qi, seq, pos, kc, vc, shape, scale, out);
+                attend(qi, seq, pos, kv, shape, scale, out);
             }
             let o = b.wo.forward_host(&att, rows)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
@@ -390,13 +429,14 @@ impl Llama {
 
     fn forward_device(
         &self,
-        tokens: &[u32],
-        pos: usize,
-        rope: &[(f32, f32)],
         cache: &mut KvCache,
+        table: &BlockTable,
+        tokens: &[u32],
+        rope: &[(f32, f32)],
     ) -> Result<Vec<f32>, EngineError> {
         let c = &self.config;
         let seq = tokens.len();
+        let pos = table.len();
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let n_rep = nh / nkv;
         let eps = c.rms_norm_eps;
@@ -419,11 +459,12 @@ impl Llama {
                 t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()
             };
             let q = round_f16(&heads_first(q, nh)?)?;
-            let k = heads_first(k, nkv)?;
-            let v = heads_first(v, nkv)?;
-            let (k_all, v_all) = cache.append_device(layer, &k, &v)?; // (nkv, total, hd)
-                                                                      // Grouped-query attention without copying K/V per query head: the n_rep
-                                                                      // query heads that share a KV head become extra rows of one matmul.
+            let k = k.reshape((seq, nkv, hd))?;
+            let v = v.reshape((seq, nkv, hd))?;
+            // (nkv, total, hd), gathered from the sequence's blocks.
+            let (k_all, v_all) = cache.append_device(layer, table, &k, &v)?;
+            // Grouped-query attention without copying K/V per query head: the n_rep
+            // query heads that share a KV head become extra rows of one matmul.
             let q = q.reshape((nkv, n_rep * seq, hd))?;
             let att = (q.matmul(&k_all.t()?)? * scale)?;
             let att = match &mask {

@@ -4,22 +4,31 @@
 //! that request's channel. Requests join and leave between steps; nobody waits for
 //! another request to finish.
 //!
+//! Memory is a paged KV cache ([`KvCache`]): a request is admitted when the pool has free
+//! blocks for its prompt, each step takes the blocks its tokens need, and when the pool
+//! runs dry the newest sequences are preempted — their blocks freed, their tokens so far
+//! recomputed later — instead of failing anyone. Requests wait in a bounded queue; when
+//! it is full, `submit` refuses (the server's 429).
+//!
 //! Prompts are cut into the same 512-token chunks as a lone [`LoadedModel::prefill`], and
 //! a chunk is never split across steps, so a request's tokens are the same whether it runs
-//! alone or among others (see `tests/scheduler.rs`).
-//!
-//! The KV cache is per sequence and contiguous for now; a paged block pool with admission
-//! by free blocks is the next step (issue 3).
+//! alone or among others (see `tests/scheduler.rs`). A preempted sequence is recomputed
+//! in chunks too; its later tokens may then differ in the last bits, as in vLLM.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
 use crate::generate::{FinishReason, LoadedModel, PREFILL_CHUNK};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{BlockTable, KvCache};
 use crate::llama::BatchItem;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{log_softmax, Sampler, SamplingParams};
+use crate::EngineError;
 
 /// What a client asks for.
 #[derive(Clone, Debug)]
@@ -27,13 +36,29 @@ pub struct Request {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub max_tokens: usize,
+    /// Log-probabilities to return with each token: `Some(n)` gives the sampled token's
+    /// and the `n` most likely tokens' (of the model's distribution, before penalties,
+    /// bias and temperature).
+    pub logprobs: Option<usize>,
+}
+
+/// Log-probabilities at one position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// Of the sampled token.
+    pub logprob: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// What the scheduler sends back, in order: tokens, then exactly one `Finished` or
 /// `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    Token(u32),
+    Token {
+        id: u32,
+        logprobs: Option<TokenLogprobs>,
+    },
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
@@ -51,6 +76,8 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Prompt tokens processed per step, across all sequences (at least one chunk).
     pub prefill_budget: usize,
+    /// Blocks in the KV pool; `None`: enough for `max_running` full-context sequences.
+    pub kv_blocks: Option<usize>,
 }
 
 impl Default for SchedulerConfig {
@@ -59,6 +86,7 @@ impl Default for SchedulerConfig {
             max_running: 32,
             max_queue: 256,
             prefill_budget: PREFILL_CHUNK,
+            kv_blocks: None,
         }
     }
 }
@@ -74,9 +102,26 @@ pub enum SubmitError {
     Invalid(String),
 }
 
+/// Live numbers of the scheduler, for metrics.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    /// Requests submitted and not yet running (including preempted ones).
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub preemptions: AtomicU64,
+    /// Prompt tokens run through the model (recomputation included).
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub steps: AtomicU64,
+    /// Set once the scheduler thread has ended.
+    pub stopped: AtomicBool,
+}
+
 struct Submission {
     request: Request,
-    events: Sender<Event>,
+    events: UnboundedSender<Event>,
 }
 
 /// The client side: submit requests, get a stream of events for each.
@@ -85,29 +130,57 @@ pub struct SchedulerHandle {
     tx: SyncSender<Submission>,
     max_queue: usize,
     context: usize,
+    kv_tokens: usize,
+    stats: Arc<SchedulerStats>,
 }
 
 impl SchedulerHandle {
     /// Queues a request; its events arrive on the returned receiver. Dropping the
-    /// receiver cancels the request at the next step.
-    pub fn submit(&self, request: Request) -> Result<Receiver<Event>, SubmitError> {
-        if request.prompt.is_empty() {
+    /// receiver cancels the request at the next step and frees its blocks.
+    pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        let n = request.prompt.len();
+        if n == 0 {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
         }
-        if request.prompt.len() >= self.context {
+        if n >= self.context {
             return Err(SubmitError::Invalid(format!(
-                "the prompt is {} tokens long but the model's context is {} tokens",
-                request.prompt.len(),
+                "the prompt is {n} tokens long but the model's context is {} tokens",
                 self.context
             )));
         }
+        if n >= self.kv_tokens {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt is {n} tokens long but the KV cache holds {} tokens; \
+                 give it more memory (--kv-cache-mb)",
+                self.kv_tokens
+            )));
+        }
         request.params.validate().map_err(SubmitError::Invalid)?;
-        let (events, rx) = mpsc::channel();
+        let (events, rx) = unbounded_channel();
+        self.stats.waiting.fetch_add(1, Relaxed);
         match self.tx.try_send(Submission { request, events }) {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull(self.max_queue)),
-            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
+            Err(e) => {
+                self.stats.waiting.fetch_sub(1, Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(self.max_queue),
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
         }
+    }
+
+    pub fn stats(&self) -> &Arc<SchedulerStats> {
+        &self.stats
+    }
+
+    /// Tokens the KV pool holds, all sequences together.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.kv_tokens
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context
     }
 }
 
@@ -116,10 +189,11 @@ struct Sequence {
     prompt_len: usize,
     /// Tokens already in the cache.
     done: usize,
-    cache: KvCache,
+    table: BlockTable,
     sampler: Sampler,
     max_tokens: usize,
-    events: Sender<Event>,
+    logprobs: Option<usize>,
+    events: UnboundedSender<Event>,
 }
 
 impl Sequence {
@@ -127,14 +201,14 @@ impl Sequence {
         self.tokens.len() - self.prompt_len
     }
 
-    /// The tokens this step feeds: the next prompt chunk, or the last sampled token.
+    /// The tokens this step feeds: the next prompt chunk (or, after a preemption, the
+    /// next chunk of everything so far), or the last sampled token.
     fn next_input(&self) -> std::ops::Range<usize> {
-        if self.done < self.prompt_len {
-            let chunk_start = self.done;
-            chunk_start..(chunk_start + PREFILL_CHUNK).min(self.prompt_len)
-        } else {
-            self.done..self.tokens.len()
-        }
+        self.done..(self.done + PREFILL_CHUNK).min(self.tokens.len())
+    }
+
+    fn is_prefill(&self) -> bool {
+        self.tokens.len() - self.done > 1
     }
 
     fn finish(&self, reason: FinishReason) {
@@ -151,141 +225,323 @@ pub fn spawn(
     model: Arc<LoadedModel>,
     config: SchedulerConfig,
     pool: Arc<rayon::ThreadPool>,
-) -> (SchedulerHandle, JoinHandle<()>) {
+) -> Result<(SchedulerHandle, JoinHandle<()>), EngineError> {
+    let blocks = config
+        .kv_blocks
+        .unwrap_or_else(|| KvCache::blocks_for(model.context_length()) * config.max_running.max(1));
+    let cache = model.model.new_cache(blocks)?;
+    let stats = Arc::new(SchedulerStats::default());
+    stats.kv_blocks_total.store(blocks, Relaxed);
     let (tx, rx) = mpsc::sync_channel(config.max_queue.max(1));
     let handle = SchedulerHandle {
         tx,
         max_queue: config.max_queue,
         context: model.context_length(),
+        kv_tokens: cache.capacity_tokens(),
+        stats: stats.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("hearth-scheduler".into())
-        .spawn(move || pool.install(|| run(&model, &config, rx)))
-        .expect("spawning the scheduler thread");
-    (handle, thread)
-}
-
-fn run(model: &LoadedModel, config: &SchedulerConfig, rx: Receiver<Submission>) {
-    // The channel is the waiting queue: requests are taken from it only when they can
-    // start, so a full channel is real backpressure.
-    let mut running: Vec<Sequence> = Vec::new();
-    loop {
-        while running.len() < config.max_running {
-            let next = if running.is_empty() {
-                // Nothing to do: wait, but wake now and then to notice shutdown.
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(s) => s,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-            } else {
-                match rx.try_recv() {
-                    Ok(s) => s,
-                    Err(_) => break,
-                }
+        .spawn(move || {
+            let mut s = Scheduler {
+                model: &model,
+                config,
+                cache,
+                running: Vec::new(),
+                waiting: VecDeque::new(),
+                stats,
             };
-            admit(model, next, &mut running);
-        }
-        step(model, config, &mut running);
-    }
+            pool.install(|| s.run(rx));
+            s.stats.stopped.store(true, Relaxed);
+        })
+        .map_err(|e| EngineError::Device(format!("cannot start the scheduler thread: {e}")))?;
+    Ok((handle, thread))
 }
 
-fn admit(model: &LoadedModel, s: Submission, running: &mut Vec<Sequence>) {
-    let prompt_len = s.request.prompt.len();
-    let max_tokens = s
-        .request
-        .max_tokens
-        .min(model.context_length() - prompt_len);
-    let seq = Sequence {
-        tokens: s.request.prompt,
-        prompt_len,
-        done: 0,
-        cache: model.model.new_cache(),
-        sampler: Sampler::new(s.request.params),
-        max_tokens,
-        events: s.events,
-    };
-    if max_tokens == 0 {
-        seq.finish(FinishReason::Length);
-        return;
-    }
-    running.push(seq);
+struct Scheduler<'m> {
+    model: &'m LoadedModel,
+    config: SchedulerConfig,
+    cache: KvCache,
+    /// Oldest first.
+    running: Vec<Sequence>,
+    /// Taken from the channel (or preempted) and not yet admitted, next first.
+    waiting: VecDeque<Sequence>,
+    stats: Arc<SchedulerStats>,
 }
 
-/// One forward pass over the sequences that fit this step, then sampling.
-fn step(model: &LoadedModel, config: &SchedulerConfig, running: &mut Vec<Sequence>) {
-    if running.is_empty() {
-        return;
-    }
-    // Decodes always run; whole prompt chunks run while the prefill budget lasts (the
-    // first one always, so a long prompt cannot starve).
-    let mut budget = config.prefill_budget;
-    let mut chosen = Vec::new();
-    for (i, s) in running.iter().enumerate() {
-        let input = s.next_input();
-        if s.done < s.prompt_len {
-            if input.len() > budget && budget < config.prefill_budget {
-                continue;
+impl Scheduler<'_> {
+    fn run(&mut self, rx: Receiver<Submission>) {
+        // The channel is the waiting queue: requests are taken from it only when they
+        // can start, so a full channel is real backpressure.
+        let mut open = true;
+        loop {
+            self.drop_cancelled();
+            while self.running.len() < self.config.max_running {
+                if self.waiting.is_empty() && open {
+                    let next = if self.running.is_empty() {
+                        // Nothing to do: wait, but wake now and then.
+                        match rx.recv_timeout(Duration::from_millis(50)) {
+                            Ok(s) => Some(s),
+                            Err(RecvTimeoutError::Timeout) => None,
+                            Err(RecvTimeoutError::Disconnected) => {
+                                open = false;
+                                None
+                            }
+                        }
+                    } else {
+                        rx.try_recv().ok()
+                    };
+                    match next {
+                        Some(s) => self.accept(s),
+                        None => break,
+                    }
+                    continue;
+                }
+                if !self.admit_next() {
+                    break;
+                }
             }
-            budget = budget.saturating_sub(input.len());
+            if !open && self.running.is_empty() && self.waiting.is_empty() {
+                return;
+            }
+            self.step();
+            self.publish();
         }
-        chosen.push((i, input));
     }
-    let inputs: Vec<Vec<u32>> = chosen
-        .iter()
-        .map(|(i, r)| running[*i].tokens[r.clone()].to_vec())
-        .collect();
-    let result = {
-        let mut caches: Vec<Option<&mut KvCache>> =
-            running.iter_mut().map(|s| Some(&mut s.cache)).collect();
-        let mut items: Vec<BatchItem> = chosen
-            .iter()
-            .zip(&inputs)
-            .map(|((i, _), tokens)| BatchItem {
-                tokens,
-                cache: caches[*i].take().expect("each sequence is chosen once"),
-            })
-            .collect();
-        model.model.forward_batch(&mut items)
-    };
-    let logits = match result {
-        Ok(l) => l,
-        Err(e) => {
-            // A failed step fails the sequences in it; the others go on.
-            let msg = e.to_string();
-            let failed: Vec<usize> = chosen.iter().map(|(i, _)| *i).collect();
-            for &i in failed.iter().rev() {
-                let s = running.remove(i);
-                let _ = s.events.send(Event::Failed(msg.clone()));
-            }
+
+    fn publish(&self) {
+        self.stats.running.store(self.running.len(), Relaxed);
+        self.stats
+            .kv_blocks_used
+            .store(self.cache.used_blocks(), Relaxed);
+    }
+
+    /// A submission becomes a waiting sequence.
+    fn accept(&mut self, s: Submission) {
+        let prompt_len = s.request.prompt.len();
+        let max_tokens = s
+            .request
+            .max_tokens
+            .min(self.model.context_length() - prompt_len);
+        let seq = Sequence {
+            tokens: s.request.prompt,
+            prompt_len,
+            done: 0,
+            table: BlockTable::new(),
+            sampler: Sampler::new(s.request.params),
+            max_tokens,
+            logprobs: s.request.logprobs,
+            events: s.events,
+        };
+        if max_tokens == 0 || seq.events.is_closed() {
+            self.stats.waiting.fetch_sub(1, Relaxed);
+            seq.finish(FinishReason::Length);
             return;
         }
-    };
-    let mut finished = Vec::new();
-    for ((i, input), mut l) in chosen.into_iter().zip(logits) {
-        let s = &mut running[i];
-        s.done = input.end;
-        if s.done < s.prompt_len {
-            continue; // more prompt to go
+        self.waiting.push_back(seq);
+    }
+
+    /// Starts the next waiting sequence when the pool has blocks for its first chunk
+    /// and the tokens after it, leaving one block per running sequence for decoding.
+    fn admit_next(&mut self) -> bool {
+        let Some(seq) = self.waiting.front() else {
+            return false;
+        };
+        let needed = KvCache::blocks_for(seq.tokens.len() + 1) + self.running.len();
+        if needed > self.cache.free_blocks() && !self.running.is_empty() {
+            return false;
         }
-        let tok = s.sampler.sample(&mut l, &s.tokens);
-        if model.info.tokenizer.is_eog(tok) {
-            s.finish(FinishReason::Stop);
-            finished.push(i);
-            continue;
+        let seq = self.waiting.pop_front().expect("checked above");
+        self.stats.waiting.fetch_sub(1, Relaxed);
+        self.running.push(seq);
+        true
+    }
+
+    /// Forgets sequences whose client went away, freeing their blocks.
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() {
+                let mut s = self.running.remove(i);
+                self.cache.release(&mut s.table);
+            } else {
+                i += 1;
+            }
         }
-        s.tokens.push(tok);
-        if s.events.send(Event::Token(tok)).is_err() {
-            finished.push(i); // the client went away
-            continue;
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.events.is_closed());
+        self.stats
+            .waiting
+            .fetch_sub(before - self.waiting.len(), Relaxed);
+    }
+
+    /// Moves the newest running sequence back to the front of the queue, freeing its
+    /// blocks; it will be recomputed from its tokens so far.
+    fn preempt_newest(&mut self) {
+        let mut s = self.running.pop().expect("a running sequence to preempt");
+        self.cache.release(&mut s.table);
+        s.done = 0;
+        self.stats.preemptions.fetch_add(1, Relaxed);
+        self.stats.waiting.fetch_add(1, Relaxed);
+        tracing::debug!(tokens = s.tokens.len(), "preempted a sequence");
+        self.waiting.push_front(s);
+    }
+
+    /// Chooses this step's work and takes its blocks: decodes always, whole prompt chunks
+    /// while the prefill budget lasts (the first always, so a long prompt cannot starve).
+    /// When the pool runs dry, the newest sequences make room.
+    fn plan(&mut self) -> Vec<(usize, std::ops::Range<usize>)> {
+        let mut budget = self.config.prefill_budget;
+        let mut chosen = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            let input = self.running[i].next_input();
+            if self.running[i].is_prefill() {
+                if input.len() > budget && budget < self.config.prefill_budget {
+                    i += 1;
+                    continue;
+                }
+            }
+            loop {
+                let s = &mut self.running[i];
+                if self.cache.allocate(&mut s.table, input.end) {
+                    break;
+                }
+                if i + 1 < self.running.len() {
+                    self.preempt_newest();
+                } else if i > 0 {
+                    self.preempt_newest(); // this one; the older ones go on
+                    return chosen;
+                } else {
+                    // Alone and still too big: the cache is its context.
+                    let mut s = self.running.remove(0);
+                    self.cache.release(&mut s.table);
+                    s.finish(FinishReason::Length);
+                    return chosen;
+                }
+            }
+            if self.running[i].is_prefill() {
+                budget = budget.saturating_sub(input.len());
+            }
+            chosen.push((i, input));
+            i += 1;
         }
-        if s.generated() >= s.max_tokens {
-            s.finish(FinishReason::Length);
-            finished.push(i);
+        chosen
+    }
+
+    /// One forward pass over the sequences that fit this step, then sampling.
+    fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let chosen = self.plan();
+        if chosen.is_empty() {
+            return;
+        }
+        let inputs: Vec<Vec<u32>> = chosen
+            .iter()
+            .map(|(i, r)| self.running[*i].tokens[r.clone()].to_vec())
+            .collect();
+        let result = {
+            let mut tables: Vec<Option<&mut BlockTable>> = self
+                .running
+                .iter_mut()
+                .map(|s| Some(&mut s.table))
+                .collect();
+            let mut items: Vec<BatchItem> = chosen
+                .iter()
+                .zip(&inputs)
+                .map(|((i, _), tokens)| BatchItem {
+                    tokens,
+                    table: tables[*i].take().expect("each sequence is chosen once"),
+                })
+                .collect();
+            self.model.model.forward_batch(&mut self.cache, &mut items)
+        };
+        self.stats.steps.fetch_add(1, Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed step fails the sequences in it; the others go on.
+                tracing::error!("engine step failed: {e}");
+                let msg = e.to_string();
+                for &(i, _) in chosen.iter().rev() {
+                    let mut s = self.running.remove(i);
+                    self.cache.release(&mut s.table);
+                    let _ = s.events.send(Event::Failed(msg.clone()));
+                }
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for ((i, input), mut l) in chosen.into_iter().zip(logits) {
+            let s = &mut self.running[i];
+            let decode = input.len() == 1 && input.start >= s.prompt_len;
+            if !decode {
+                self.stats
+                    .prompt_tokens
+                    .fetch_add(input.len() as u64, Relaxed);
+            }
+            s.done = input.end;
+            if s.done < s.tokens.len() {
+                continue; // more prompt to go
+            }
+            let lp = s.logprobs.map(|n| (log_softmax(&l), n));
+            let tok = s.sampler.sample(&mut l, &s.tokens);
+            if self.model.info.tokenizer.is_eog(tok) {
+                s.finish(FinishReason::Stop);
+                finished.push(i);
+                continue;
+            }
+            s.tokens.push(tok);
+            self.stats.generated_tokens.fetch_add(1, Relaxed);
+            let logprobs = lp.map(|(lp, n)| TokenLogprobs {
+                logprob: lp[tok as usize],
+                top: top_n(&lp, n),
+            });
+            if s.events.send(Event::Token { id: tok, logprobs }).is_err() {
+                finished.push(i); // the client went away
+                continue;
+            }
+            if s.generated() >= s.max_tokens {
+                s.finish(FinishReason::Length);
+                finished.push(i);
+            }
+        }
+        finished.sort_unstable();
+        for i in finished.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.cache.release(&mut s.table);
         }
     }
-    finished.sort_unstable();
-    for i in finished.into_iter().rev() {
-        running.remove(i);
+}
+
+/// The `n` largest entries of `lp` with their indices, largest first (lower index first
+/// among equals).
+fn top_n(lp: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+    let by = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    let n = n.min(idx.len());
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, by);
+        idx.truncate(n);
+    }
+    idx.sort_unstable_by(by);
+    idx.into_iter().map(|i| (i, lp[i as usize])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_n_is_sorted_and_stable() {
+        let lp = [-3.0, -1.0, -2.0, -1.0, -5.0];
+        assert_eq!(top_n(&lp, 3), vec![(1, -1.0), (3, -1.0), (2, -2.0)]);
+        assert_eq!(top_n(&lp, 0), vec![]);
+        assert_eq!(top_n(&lp, 9).len(), 5);
     }
 }

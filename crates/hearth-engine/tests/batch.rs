@@ -4,7 +4,7 @@
 mod common;
 
 use hearth_engine::sampler::argmax;
-use hearth_engine::BatchItem;
+use hearth_engine::{BatchItem, BlockTable};
 
 #[test]
 fn batched_logits_equal_solo_logits() {
@@ -25,25 +25,29 @@ fn batched_logits_equal_solo_logits() {
     // Alone: prefill, then greedy decode.
     let mut solo = Vec::new();
     for p in &prompts {
-        let mut cache = model.model.new_cache();
-        let mut logits = vec![model.prefill(p, &mut cache).unwrap()];
+        let mut cache = model.model.cache_for_sequences(1).unwrap();
+        let mut table = BlockTable::new();
+        let mut logits = vec![model.prefill(&mut cache, &mut table, p).unwrap()];
         for _ in 0..steps {
             let next = argmax(logits.last().unwrap());
-            logits.push(model.model.forward(&[next], &mut cache).unwrap());
+            let l = model.model.forward(&mut cache, &mut table, &[next]);
+            logits.push(l.unwrap());
         }
         solo.push(logits);
     }
 
     // Together: one batched prefill of all prompts, then batched decode steps.
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.model.new_cache()).collect();
+    // One shared block pool; a sequence's blocks are scattered among the others'.
+    let mut cache = model.model.cache_for_sequences(prompts.len()).unwrap();
+    let mut tables: Vec<_> = prompts.iter().map(|_| BlockTable::new()).collect();
     let mut items: Vec<BatchItem> = prompts
         .iter()
-        .zip(caches.iter_mut())
-        .map(|(p, cache)| BatchItem { tokens: p, cache })
+        .zip(tables.iter_mut())
+        .map(|(p, table)| BatchItem { tokens: p, table })
         .collect();
     let mut batched: Vec<Vec<Vec<f32>>> = model
         .model
-        .forward_batch(&mut items)
+        .forward_batch(&mut cache, &mut items)
         .unwrap()
         .into_iter()
         .map(|l| vec![l])
@@ -52,13 +56,13 @@ fn batched_logits_equal_solo_logits() {
         let next: Vec<u32> = batched.iter().map(|l| argmax(l.last().unwrap())).collect();
         let mut items: Vec<BatchItem> = next
             .iter()
-            .zip(caches.iter_mut())
-            .map(|(t, cache)| BatchItem {
+            .zip(tables.iter_mut())
+            .map(|(t, table)| BatchItem {
                 tokens: std::slice::from_ref(t),
-                cache,
+                table,
             })
             .collect();
-        let out = model.model.forward_batch(&mut items).unwrap();
+        let out = model.model.forward_batch(&mut cache, &mut items).unwrap();
         for (seq, l) in batched.iter_mut().zip(out) {
             seq.push(l);
         }

@@ -9,6 +9,7 @@ mod common;
 
 use common::root;
 use hearth_engine::sampler::argmax;
+use hearth_engine::BlockTable;
 use hearth_models::ChatMessage;
 
 const NEAR_TIE: f32 = 1e-2;
@@ -51,8 +52,9 @@ fn greedy_continuations_match_llama_cpp() {
         };
         assert_eq!(prompt, want_prompt, "case {n}: prompt tokens");
 
-        let mut cache = model.model.new_cache();
-        let mut logits = model.prefill(&prompt, &mut cache).unwrap();
+        let mut cache = model.model.cache_for_sequences(1).unwrap();
+        let mut table = BlockTable::new();
+        let mut logits = model.prefill(&mut cache, &mut table, &prompt).unwrap();
         let mut matched = 0;
         for (step, &expected) in want.iter().enumerate() {
             let got = argmax(&logits);
@@ -81,7 +83,7 @@ fn greedy_continuations_match_llama_cpp() {
                 margins[step]
             );
             matched += 1;
-            logits = model.model.forward(&[got], &mut cache).unwrap();
+            logits = model.model.forward(&mut cache, &mut table, &[got]).unwrap();
         }
         total_matched += matched;
     }

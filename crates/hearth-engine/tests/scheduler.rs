@@ -6,8 +6,11 @@ mod common;
 
 use std::sync::Arc;
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use hearth_engine::scheduler::{spawn, Event, Request, SchedulerConfig, SubmitError};
 use hearth_engine::{FinishReason, LoadedModel, SamplingParams};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 fn model() -> Arc<LoadedModel> {
     Arc::new(common::default_model())
@@ -22,15 +25,37 @@ fn pool() -> Arc<rayon::ThreadPool> {
     )
 }
 
-fn collect(rx: std::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Event) {
+fn collect(mut rx: UnboundedReceiver<Event>) -> (Vec<u32>, Event) {
     let mut tokens = Vec::new();
-    for ev in rx {
+    while let Some(ev) = rx.blocking_recv() {
         match ev {
-            Event::Token(t) => tokens.push(t),
+            Event::Token { id, .. } => tokens.push(id),
             end => return (tokens, end),
         }
     }
     panic!("the event stream ended without Finished or Failed");
+}
+
+fn solo_tokens(model: &LoadedModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    model
+        .generate(prompt, SamplingParams::default(), max_tokens, |t| {
+            out.push(t);
+            true
+        })
+        .unwrap();
+    out
+}
+
+/// Waits up to two seconds for `f` to hold.
+fn eventually(f: impl Fn() -> bool) -> bool {
+    for _ in 0..200 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
 }
 
 #[test]
@@ -51,19 +76,10 @@ fn concurrent_requests_get_their_solo_tokens() {
 
     let solo: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| {
-            let mut out = Vec::new();
-            model
-                .generate(p, greedy.clone(), max_tokens, |t| {
-                    out.push(t);
-                    true
-                })
-                .unwrap();
-            out
-        })
+        .map(|p| solo_tokens(&model, p, max_tokens))
         .collect();
 
-    let (handle, _thread) = spawn(model.clone(), SchedulerConfig::default(), pool());
+    let (handle, _thread) = spawn(model.clone(), SchedulerConfig::default(), pool()).unwrap();
     let receivers: Vec<_> = prompts
         .iter()
         .map(|p| {
@@ -72,6 +88,7 @@ fn concurrent_requests_get_their_solo_tokens() {
                     prompt: p.clone(),
                     params: greedy.clone(),
                     max_tokens,
+                    logprobs: None,
                 })
                 .unwrap()
         })
@@ -112,18 +129,20 @@ fn cancellation_and_backpressure() {
         max_queue: 1,
         ..Default::default()
     };
-    let (handle, _thread) = spawn(model.clone(), config, pool());
+    let (handle, _thread) = spawn(model.clone(), config, pool()).unwrap();
+    let stats = handle.stats().clone();
     let req = |n| Request {
         prompt: prompt.clone(),
         params: SamplingParams::default(),
         max_tokens: n,
+        logprobs: None,
     };
 
     // A long request occupies the only running slot; the queue holds one more; the next
     // is refused.
-    let long = handle.submit(req(200)).unwrap();
+    let mut long = handle.submit(req(200)).unwrap();
     assert!(
-        matches!(long.recv().unwrap(), Event::Token(_)),
+        matches!(long.blocking_recv().unwrap(), Event::Token { .. }),
         "the first request is running"
     );
     let queued = handle.submit(req(3)).unwrap();
@@ -143,12 +162,120 @@ fn cancellation_and_backpressure() {
             ..
         }
     ));
+    // Every block is back in the pool once nothing runs.
+    assert!(
+        eventually(|| stats.kv_blocks_used.load(Relaxed) == 0),
+        "blocks still held: {}",
+        stats.kv_blocks_used.load(Relaxed)
+    );
+    assert_eq!(stats.running.load(Relaxed), 0);
 
     // Bad requests are refused up front.
     let empty = Request {
         prompt: vec![],
         params: SamplingParams::default(),
         max_tokens: 1,
+        logprobs: None,
     };
     assert!(matches!(handle.submit(empty), Err(SubmitError::Invalid(_))));
+}
+
+#[test]
+fn a_small_pool_preempts_instead_of_failing() {
+    let model = model();
+    let tok = &model.info.tokenizer;
+    // 12 blocks = 192 tokens; four requests of ~20 prompt + 60 new tokens need ~320.
+    let config = SchedulerConfig {
+        kv_blocks: Some(12),
+        ..Default::default()
+    };
+    let (handle, _thread) = spawn(model.clone(), config, pool()).unwrap();
+    let stats = handle.stats().clone();
+    let max_tokens = 60;
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| {
+            tok.encode(&format!("Story {i}: once upon a time, a fox"), true)
+                .unwrap()
+        })
+        .collect();
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            handle
+                .submit(Request {
+                    prompt: p.clone(),
+                    params: SamplingParams::default(),
+                    max_tokens,
+                    logprobs: None,
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut same_as_solo = 0;
+    for (p, rx) in prompts.iter().zip(receivers) {
+        let (got, end) = collect(rx);
+        let Event::Finished {
+            completion_tokens, ..
+        } = end
+        else {
+            panic!("{end:?}");
+        };
+        assert_eq!(completion_tokens, got.len());
+        let solo = solo_tokens(&model, p, max_tokens);
+        assert_eq!(got.len(), solo.len(), "every request runs to its end");
+        same_as_solo += usize::from(got == solo);
+    }
+    assert!(
+        stats.preemptions.load(Relaxed) > 0,
+        "the pool was too small not to preempt"
+    );
+    eprintln!(
+        "{} preemptions; {same_as_solo}/4 outputs identical to solo",
+        stats.preemptions.load(Relaxed)
+    );
+    assert!(eventually(|| stats.kv_blocks_used.load(Relaxed) == 0));
+
+    // A prompt longer than the whole pool is refused up front, with the reason.
+    let long = vec![prompts[0][1]; 200];
+    let err = handle
+        .submit(Request {
+            prompt: long,
+            params: SamplingParams::default(),
+            max_tokens: 1,
+            logprobs: None,
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("KV cache holds 192 tokens"),
+        "{err}"
+    );
+}
+
+#[test]
+fn logprobs_describe_the_sampled_token() {
+    let model = model();
+    let (handle, _thread) = spawn(model.clone(), SchedulerConfig::default(), pool()).unwrap();
+    let prompt = model.info.tokenizer.encode("The sky is", true).unwrap();
+    let mut rx = handle
+        .submit(Request {
+            prompt: prompt.clone(),
+            params: SamplingParams::default(),
+            max_tokens: 5,
+            logprobs: Some(3),
+        })
+        .unwrap();
+    let mut ids = Vec::new();
+    while let Some(Event::Token { id, logprobs }) = rx.blocking_recv() {
+        let lp = logprobs.expect("logprobs were asked for");
+        assert_eq!(lp.top.len(), 3);
+        assert_eq!(
+            lp.top[0],
+            (id, lp.logprob),
+            "greedy takes the most likely token"
+        );
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(lp.logprob <= 0.0);
+        ids.push(id);
+    }
+    assert_eq!(ids, solo_tokens(&model, &prompt, 5));
 }
