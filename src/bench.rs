@@ -15,7 +15,10 @@ pub enum Output {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     #[command(flatten)]
     model: ModelArgs,
     /// Prompt tokens processed in one batch (ppN); 0 skips the test.
@@ -33,6 +36,13 @@ pub struct BenchArgs {
     repetitions: usize,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Md)]
     output: Output,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Load-test a running server (this one or any OpenAI-compatible one) at several
+    /// concurrency levels.
+    Serve(crate::loadgen::ServeBenchArgs),
 }
 
 struct Sample {

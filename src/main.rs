@@ -2,7 +2,10 @@
 //! library crates; errors become one line on stderr and a non-zero exit.
 
 mod bench;
+mod http_client;
+mod loadgen;
 mod run;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -21,8 +24,11 @@ struct Cli {
 enum Command {
     /// Generate a continuation of a prompt and stream it to stdout.
     Run(run::RunArgs),
-    /// Measure prompt processing and generation speed (llama-bench style).
+    /// Measure prompt processing and generation speed (llama-bench style), or load-test
+    /// a server (`hearth bench serve`).
     Bench(bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Flags shared by every command that loads a model.
@@ -73,6 +79,7 @@ fn compute_pool(command: &Command) -> anyhow::Result<rayon::ThreadPool> {
     let model_args = match command {
         Command::Run(a) => a.model_args(),
         Command::Bench(a) => a.model_args(),
+        Command::Serve(a) => a.model_args(),
     };
     let threads = model_args.threads()?;
     // candle's CPU kernels size their work by RAYON_NUM_THREADS; set it before the first
@@ -93,14 +100,21 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let result = compute_pool(&cli.command).and_then(|pool| {
+    let result = compute_pool(&cli.command).and_then(|pool| match cli.command {
+        // The server's scheduler thread runs its steps on the pool itself.
+        Command::Serve(args) => serve::serve(args, pool),
+        Command::Bench(bench::BenchArgs {
+            command: Some(bench::BenchCommand::Serve(args)),
+            ..
+        }) => loadgen::bench_serve(args),
         // The whole command runs on a pool worker, so each matmul's parallel loop
         // splits among workers that are already awake instead of waking them from a
         // foreign thread ~200 times per token.
-        pool.install(|| match cli.command {
+        command => pool.install(|| match command {
             Command::Run(args) => run::run(args),
             Command::Bench(args) => bench::bench(args),
-        })
+            Command::Serve(_) => unreachable!("served above"),
+        }),
     });
     if let Err(e) = result {
         // One line: the chain of causes joined with ": ".

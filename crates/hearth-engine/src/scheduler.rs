@@ -40,6 +40,9 @@ pub struct Request {
     /// and the `n` most likely tokens' (of the model's distribution, before penalties,
     /// bias and temperature).
     pub logprobs: Option<usize>,
+    /// Generate past end-of-generation tokens (they are sent like any token), for
+    /// benchmarks that need a fixed output length.
+    pub ignore_eos: bool,
 }
 
 /// Log-probabilities at one position.
@@ -193,6 +196,7 @@ struct Sequence {
     sampler: Sampler,
     max_tokens: usize,
     logprobs: Option<usize>,
+    ignore_eos: bool,
     events: UnboundedSender<Event>,
 }
 
@@ -331,6 +335,7 @@ impl Scheduler<'_> {
             sampler: Sampler::new(s.request.params),
             max_tokens,
             logprobs: s.request.logprobs,
+            ignore_eos: s.request.ignore_eos,
             events: s.events,
         };
         if max_tokens == 0 || seq.events.is_closed() {
@@ -488,7 +493,7 @@ impl Scheduler<'_> {
             }
             let lp = s.logprobs.map(|n| (log_softmax(&l), n));
             let tok = s.sampler.sample(&mut l, &s.tokens);
-            if self.model.info.tokenizer.is_eog(tok) {
+            if !s.ignore_eos && self.model.info.tokenizer.is_eog(tok) {
                 s.finish(FinishReason::Stop);
                 finished.push(i);
                 continue;

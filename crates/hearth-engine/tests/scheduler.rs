@@ -89,6 +89,7 @@ fn concurrent_requests_get_their_solo_tokens() {
                     params: greedy.clone(),
                     max_tokens,
                     logprobs: None,
+                    ignore_eos: false,
                 })
                 .unwrap()
         })
@@ -136,6 +137,7 @@ fn cancellation_and_backpressure() {
         params: SamplingParams::default(),
         max_tokens: n,
         logprobs: None,
+        ignore_eos: false,
     };
 
     // A long request occupies the only running slot; the queue holds one more; the next
@@ -176,6 +178,7 @@ fn cancellation_and_backpressure() {
         params: SamplingParams::default(),
         max_tokens: 1,
         logprobs: None,
+        ignore_eos: false,
     };
     assert!(matches!(handle.submit(empty), Err(SubmitError::Invalid(_))));
 }
@@ -207,6 +210,7 @@ fn a_small_pool_preempts_instead_of_failing() {
                     params: SamplingParams::default(),
                     max_tokens,
                     logprobs: None,
+                    ignore_eos: false,
                 })
                 .unwrap()
         })
@@ -243,6 +247,7 @@ fn a_small_pool_preempts_instead_of_failing() {
             params: SamplingParams::default(),
             max_tokens: 1,
             logprobs: None,
+            ignore_eos: false,
         })
         .unwrap_err();
     assert!(
@@ -262,6 +267,7 @@ fn logprobs_describe_the_sampled_token() {
             params: SamplingParams::default(),
             max_tokens: 5,
             logprobs: Some(3),
+            ignore_eos: false,
         })
         .unwrap();
     let mut ids = Vec::new();

@@ -1,0 +1,632 @@
+//! The OpenAI endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, each
+//! answered whole or streamed as server-sent events.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::future::join_all;
+use hearth_engine::scheduler::{Event, Request, SubmitError};
+use hearth_engine::FinishReason;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+
+use crate::choice::{ChoiceText, Release, TokenInfo};
+use crate::error::{ApiError, JsonObject};
+use crate::request::{ChatFields, CommonFields, CompletionFields, Generation, PromptInput};
+use crate::{AppState, Engine};
+
+/// Tokens a text completion produces when the client sets no limit (OpenAI's default).
+const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let r = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(salt);
+        h.finish()
+    };
+    format!("{prefix}-{:016x}{:016x}", r(1), r(2))
+}
+
+fn model_object(state: &AppState) -> Value {
+    json!({
+        "id": state.served_model,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "hearth",
+    })
+}
+
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({ "object": "list", "data": [model_object(&state)] }))
+}
+
+pub async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if id != state.served_model {
+        return Err(ApiError::model_not_found(&id));
+    }
+    Ok(Json(model_object(&state)))
+}
+
+/// The engine, or 503 while it loads or the server drains.
+fn engine(state: &AppState) -> Result<&Engine, ApiError> {
+    if state.draining.load(Relaxed) {
+        return Err(ApiError::unavailable("The server is shutting down."));
+    }
+    state
+        .engine
+        .get()
+        .ok_or_else(|| ApiError::unavailable("The model is still loading."))
+}
+
+fn check_model(state: &AppState, common: &CommonFields) -> Result<(), ApiError> {
+    match &common.model {
+        Some(m) if *m != state.served_model => Err(ApiError::model_not_found(m)),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// One prompt of a request and what its choices start with.
+struct PromptJob {
+    tokens: Vec<u32>,
+    /// `echo`: the prompt text, sent before the completion.
+    echo: Option<String>,
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let common = CommonFields::parse(&body)?;
+    check_model(&state, &common)?;
+    tracing::debug!(user = common.user.as_deref(), "chat completion");
+    let chat = ChatFields::parse(&body)?;
+    let engine = engine(&state)?;
+    let info = &engine.model.info;
+    let gen = common.generation(chat.logprobs()?, info.config.vocab_size)?;
+    let messages = chat.messages()?;
+    let text = info.chat_template.render(&messages, true).map_err(|e| {
+        ApiError::invalid(
+            Some("messages"),
+            format!("The chat template rejected the messages: {e}"),
+        )
+    })?;
+    let tokens = info.tokenizer.encode(&text, false).map_err(|e| {
+        ApiError::invalid(
+            Some("messages"),
+            format!("Cannot tokenize the messages: {e}"),
+        )
+    })?;
+    let prompts = vec![PromptJob { tokens, echo: None }];
+    run(state.clone(), Kind::Chat, gen, prompts, received).await
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let common = CommonFields::parse(&body)?;
+    check_model(&state, &common)?;
+    tracing::debug!(user = common.user.as_deref(), "completion");
+    let fields = CompletionFields::parse(&body)?;
+    let engine = engine(&state)?;
+    let info = &engine.model.info;
+    let gen = common.generation(fields.logprobs()?, info.config.vocab_size)?;
+    if let Some(b) = fields.best_of {
+        if b != gen.params.len() as i64 && b != 1 {
+            return Err(ApiError::invalid(
+                Some("best_of"),
+                "'best_of' other than 'n' is not supported.",
+            ));
+        }
+    }
+    let echo = fields.echo.unwrap_or(false);
+    let mut prompts = Vec::new();
+    for p in fields.prompts()? {
+        let (tokens, text) = match p {
+            PromptInput::Text(t) => {
+                let ids = info.tokenizer.encode(&t, true).map_err(|e| {
+                    ApiError::invalid(Some("prompt"), format!("Cannot tokenize the prompt: {e}"))
+                })?;
+                (ids, t)
+            }
+            PromptInput::Tokens(ids) => {
+                let vocab = info.config.vocab_size;
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(ApiError::invalid(
+                        Some("prompt"),
+                        format!("Invalid 'prompt': token id {bad} is not below the vocabulary size {vocab}."),
+                    ));
+                }
+                let text = info.tokenizer.decode(&ids, false);
+                (ids, text)
+            }
+        };
+        prompts.push(PromptJob {
+            tokens,
+            echo: echo.then_some(text),
+        });
+    }
+    run(state.clone(), Kind::Completion, gen, prompts, received).await
+}
+
+/// What one choice came to.
+struct ChoiceResult {
+    text: String,
+    tokens: Vec<TokenInfo>,
+    finish: &'static str,
+    completion_tokens: usize,
+}
+
+/// Shared by every choice of one request.
+struct Job {
+    state: Arc<AppState>,
+    kind: Kind,
+    id: String,
+    created: u64,
+    stop: Vec<String>,
+    logprobs: bool,
+    include_usage: bool,
+    received: Instant,
+}
+
+async fn run(
+    state: Arc<AppState>,
+    kind: Kind,
+    gen: Generation,
+    prompts: Vec<PromptJob>,
+    received: Instant,
+) -> Result<Response, ApiError> {
+    let engine = engine(&state)?;
+    let ctx = engine.scheduler.context_length();
+    let max_param = if kind == Kind::Chat {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let prompt_param = if kind == Kind::Chat {
+        "messages"
+    } else {
+        "prompt"
+    };
+    // Check every prompt before starting any.
+    let mut limits = Vec::with_capacity(prompts.len());
+    for p in &prompts {
+        let n = p.tokens.len();
+        if n == 0 {
+            return Err(ApiError::invalid(
+                Some(prompt_param),
+                "The prompt is empty.",
+            ));
+        }
+        if n >= ctx {
+            return Err(ApiError::context_length(
+                format!("This model's maximum context length is {ctx} tokens. However, your {prompt_param} resulted in {n} tokens. Please reduce the length of the {prompt_param}."),
+                prompt_param,
+            ));
+        }
+        let max = match gen.max_tokens {
+            Some(m) if n + m > ctx => {
+                return Err(ApiError::context_length(
+                    format!("This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({n} in the {prompt_param}, {m} in the completion). Please reduce the length of the {prompt_param} or completion.", n + m),
+                    max_param,
+                ));
+            }
+            Some(m) => m,
+            None if kind == Kind::Completion => COMPLETION_DEFAULT_MAX_TOKENS.min(ctx - n),
+            None => ctx - n,
+        };
+        limits.push(max);
+    }
+    let mut receivers = Vec::new();
+    for (p, &max_tokens) in prompts.iter().zip(&limits) {
+        for params in &gen.params {
+            let req = Request {
+                prompt: p.tokens.clone(),
+                params: params.clone(),
+                max_tokens,
+                logprobs: gen.logprobs,
+                ignore_eos: gen.ignore_eos,
+            };
+            // On a refusal the receivers taken so far are dropped: those choices cancel.
+            let rx = engine.scheduler.submit(req).map_err(|e| match e {
+                SubmitError::QueueFull(n) => ApiError::queue_full(n),
+                SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
+                SubmitError::Invalid(msg) => ApiError::invalid(Some(prompt_param), msg),
+            })?;
+            receivers.push(rx);
+        }
+    }
+    let prompt_tokens: usize = prompts.iter().map(|p| p.tokens.len()).sum();
+    let n = gen.params.len();
+    let echoes: Vec<Option<String>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.echo.clone(), n))
+        .collect();
+    let job = Arc::new(Job {
+        state: state.clone(),
+        kind,
+        id: random_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        created: now_secs(),
+        stop: gen.stop.clone(),
+        logprobs: gen.logprobs.is_some(),
+        include_usage: gen.include_usage,
+        received,
+    });
+    state
+        .metrics
+        .prompt_tokens
+        .fetch_add(prompt_tokens as u64, Relaxed);
+    if gen.stream {
+        Ok(stream_response(job, receivers, echoes, prompt_tokens))
+    } else {
+        whole_response(job, receivers, echoes, prompt_tokens).await
+    }
+}
+
+/// Reads one choice's events to the end, handing each release to `emit` (which returns
+/// false when nobody listens any more). Dropping the receiver on return cancels the
+/// sequence if it is still running (a stop sequence was found, or the client left).
+async fn drive_choice(
+    job: &Job,
+    mut rx: UnboundedReceiver<Event>,
+    mut emit: impl FnMut(Release) -> bool,
+) -> Result<(&'static str, usize), ApiError> {
+    let engine = engine_ref(&job.state);
+    let tokenizer = &engine.model.info.tokenizer;
+    let mut text = ChoiceText::new(job.stop.clone());
+    let mut generated = 0;
+    let mut last: Option<Instant> = None;
+    let metrics = &job.state.metrics;
+    loop {
+        let Some(event) = rx.recv().await else {
+            tracing::error!("the engine dropped a request without finishing it");
+            return Err(ApiError::internal());
+        };
+        match event {
+            Event::Token { id, logprobs } => {
+                let now = Instant::now();
+                match last {
+                    None => metrics.ttft.observe(now - job.received),
+                    Some(t) => metrics.itl.observe(now - t),
+                }
+                last = Some(now);
+                generated += 1;
+                let r = text.push(tokenizer, id, logprobs.as_ref());
+                let stopped = r.stopped;
+                if !emit(r) {
+                    return Ok(("stop", generated));
+                }
+                if stopped {
+                    return Ok(("stop", generated));
+                }
+            }
+            Event::Finished { reason, .. } => {
+                let r = text.finish();
+                emit(r);
+                let finish = match reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                };
+                return Ok((finish, generated));
+            }
+            Event::Failed(msg) => {
+                tracing::error!("generation failed: {msg}");
+                return Err(ApiError::internal());
+            }
+        }
+    }
+}
+
+fn engine_ref(state: &AppState) -> &Engine {
+    state
+        .engine
+        .get()
+        .expect("requests run only once the engine is loaded")
+}
+
+fn finish_metrics(job: &Job, completion_tokens: usize) {
+    let m = &job.state.metrics;
+    m.completion_tokens
+        .fetch_add(completion_tokens as u64, Relaxed);
+    m.duration.observe(job.received.elapsed());
+}
+
+async fn whole_response(
+    job: Arc<Job>,
+    receivers: Vec<UnboundedReceiver<Event>>,
+    echoes: Vec<Option<String>>,
+    prompt_tokens: usize,
+) -> Result<Response, ApiError> {
+    let runs = receivers.into_iter().zip(echoes).map(|(rx, echo)| {
+        let job = job.clone();
+        async move {
+            let mut text = echo.unwrap_or_default();
+            let mut tokens = Vec::new();
+            let (finish, completion_tokens) = drive_choice(&job, rx, |r| {
+                text.push_str(&r.text);
+                tokens.extend(r.tokens);
+                true
+            })
+            .await?;
+            Ok::<_, ApiError>(ChoiceResult {
+                text,
+                tokens,
+                finish,
+                completion_tokens,
+            })
+        }
+    });
+    let results: Vec<ChoiceResult> = join_all(runs).await.into_iter().collect::<Result<_, _>>()?;
+    let completion_tokens: usize = results.iter().map(|r| r.completion_tokens).sum();
+    finish_metrics(&job, completion_tokens);
+    let choices: Vec<Value> = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match job.kind {
+            Kind::Chat => json!({
+                "index": i,
+                "message": {"role": "assistant", "content": r.text, "refusal": null},
+                "logprobs": job.logprobs.then(|| chat_logprobs(&r.tokens)),
+                "finish_reason": r.finish,
+            }),
+            Kind::Completion => json!({
+                "index": i,
+                "text": r.text,
+                "logprobs": job.logprobs.then(|| completion_logprobs(&r.tokens, 0)),
+                "finish_reason": r.finish,
+            }),
+        })
+        .collect();
+    let object = match job.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    let state = &job.state;
+    Ok(Json(json!({
+        "id": job.id,
+        "object": object,
+        "created": job.created,
+        "model": state.served_model,
+        "system_fingerprint": crate::FINGERPRINT,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }))
+    .into_response())
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+fn token_json(t: &str, bytes: &[u8], logprob: f32) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("token".into(), t.into());
+    m.insert("logprob".into(), logprob.into());
+    m.insert(
+        "bytes".into(),
+        bytes.iter().map(|&b| Value::from(b)).collect(),
+    );
+    m
+}
+
+/// Chat shape: `{"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": null}`.
+fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut m = token_json(&t.text, &t.bytes, t.logprob);
+            let top: Vec<Value> = t
+                .top
+                .iter()
+                .map(|(s, b, l)| Value::Object(token_json(s, b, *l)))
+                .collect();
+            m.insert("top_logprobs".into(), top.into());
+            Value::Object(m)
+        })
+        .collect();
+    json!({ "content": content, "refusal": null })
+}
+
+/// Completions shape: parallel arrays, `top_logprobs` as token → logprob maps, and each
+/// token's offset in the choice's text (starting at `offset`).
+fn completion_logprobs(tokens: &[TokenInfo], mut offset: usize) -> Value {
+    let mut text_offset = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        text_offset.push(offset);
+        offset += t.text.len();
+    }
+    json!({
+        "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens
+            .iter()
+            .map(|t| {
+                let m: Map<String, Value> =
+                    t.top.iter().map(|(s, _, l)| (s.clone(), Value::from(*l))).collect();
+                Value::Object(m)
+            })
+            .collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+/// One `data:` line of the event stream.
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+impl Job {
+    /// A chunk with one choice in it.
+    fn chunk(&self, choice: Value) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let mut v = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.state.served_model,
+            "system_fingerprint": crate::FINGERPRINT,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    fn text_chunk(&self, index: usize, release: &Release, offset: usize) -> Value {
+        match self.kind {
+            Kind::Chat => self.chunk(json!({
+                "index": index,
+                "delta": {"content": release.text},
+                "logprobs": self.logprobs.then(|| chat_logprobs(&release.tokens)),
+                "finish_reason": null,
+            })),
+            Kind::Completion => self.chunk(json!({
+                "index": index,
+                "text": release.text,
+                "logprobs": self.logprobs.then(|| completion_logprobs(&release.tokens, offset)),
+                "finish_reason": null,
+            })),
+        }
+    }
+
+    fn finish_chunk(&self, index: usize, finish: &str) -> Value {
+        match self.kind {
+            Kind::Chat => self.chunk(json!({
+                "index": index, "delta": {}, "logprobs": null, "finish_reason": finish,
+            })),
+            Kind::Completion => self.chunk(json!({
+                "index": index, "text": "", "logprobs": null, "finish_reason": finish,
+            })),
+        }
+    }
+}
+
+/// Streams every choice as it is generated. The response starts at once; a client that
+/// goes away drops the body, which closes the channel, which ends each choice's task and
+/// so cancels its sequence in the engine.
+fn stream_response(
+    job: Arc<Job>,
+    receivers: Vec<UnboundedReceiver<Event>>,
+    echoes: Vec<Option<String>>,
+    prompt_tokens: usize,
+) -> Response {
+    // Unbounded: a choice's chunks are bounded by its max_tokens.
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let mut tasks = Vec::new();
+    for (index, (events, echo)) in receivers.into_iter().zip(echoes).enumerate() {
+        let (job, tx) = (job.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            if job.kind == Kind::Chat {
+                let first = job.chunk(json!({
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": null,
+                    "finish_reason": null,
+                }));
+                tx.send(sse(&first)).ok()?;
+            }
+            let mut offset = 0;
+            if let Some(echo) = echo {
+                let r = Release {
+                    text: echo,
+                    ..Release::default()
+                };
+                offset = r.text.len();
+                tx.send(sse(&job.text_chunk(index, &r, 0))).ok()?;
+            }
+            let drive = drive_choice(&job, events, |r| {
+                if r.text.is_empty() && r.tokens.is_empty() {
+                    return !tx.is_closed();
+                }
+                let chunk = sse(&job.text_chunk(index, &r, offset));
+                offset += r.text.len();
+                tx.send(chunk).is_ok()
+            });
+            let result = tokio::select! {
+                r = drive => r,
+                _ = tx.closed() => return None,
+            };
+            match result {
+                Ok((finish, completion_tokens)) => {
+                    tx.send(sse(&job.finish_chunk(index, finish))).ok()?;
+                    Some(completion_tokens)
+                }
+                Err(e) => {
+                    let _ = tx.send(sse(&e.body()));
+                    None
+                }
+            }
+        }));
+    }
+    // After every choice: the usage chunk when asked for, then [DONE].
+    tokio::spawn(async move {
+        let mut completion_tokens = 0;
+        let mut complete = true;
+        for t in tasks {
+            match t.await {
+                Ok(Some(n)) => completion_tokens += n,
+                _ => complete = false,
+            }
+        }
+        finish_metrics(&job, completion_tokens);
+        if !complete {
+            return; // the client left or a choice failed (its error was sent)
+        }
+        if job.include_usage {
+            let mut v = job.chunk(Value::Null);
+            v["choices"] = json!([]);
+            v["usage"] = usage(prompt_tokens, completion_tokens);
+            let _ = tx.send(sse(&v));
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}

@@ -1,0 +1,170 @@
+//! `hearth serve`: the OpenAI-compatible server over one model.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use hearth_engine::scheduler::{self, SchedulerConfig};
+use hearth_engine::LoadedModel;
+use hearth_server::{AppState, Engine, ServerConfig};
+
+use crate::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "HEARTH_HOST")]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one; the chosen address is printed).
+    #[arg(long, default_value_t = 8080, env = "HEARTH_PORT")]
+    port: u16,
+    /// An accepted API key (repeatable); HEARTH_API_KEYS takes a comma-separated list.
+    /// With no keys, no authentication.
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+    /// The model's name in the API (default: the model file's name without extension).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// KV-cache pool size in MiB (default: a quarter of physical memory, at most what
+    /// --max-running full-context sequences need).
+    #[arg(long)]
+    kv_cache_mb: Option<usize>,
+    /// Requests that may wait for a slot; more get 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Sequences in the running batch at most.
+    #[arg(long, default_value_t = 32)]
+    max_running: usize,
+    /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+}
+
+impl ServeArgs {
+    pub fn model_args(&self) -> &ModelArgs {
+        &self.model
+    }
+}
+
+/// Physical memory in bytes (Linux); `None` elsewhere.
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Blocks in the KV pool, from `--kv-cache-mb` or the default rule.
+fn kv_blocks(args: &ServeArgs, model: &LoadedModel) -> anyhow::Result<usize> {
+    let block = model.model.kv_block_bytes();
+    let full = hearth_engine::KvCache::blocks_for(model.context_length()) * args.max_running;
+    let blocks = match args.kv_cache_mb {
+        Some(mb) => {
+            let blocks = (mb << 20) / block;
+            if blocks == 0 {
+                anyhow::bail!(
+                    "--kv-cache-mb {mb} is less than one KV block ({} KiB)",
+                    block.div_ceil(1024)
+                );
+            }
+            blocks
+        }
+        None => {
+            let quarter = total_memory().unwrap_or(4 << 30) / 4;
+            (quarter as usize / block).clamp(1, full.max(1))
+        }
+    };
+    Ok(blocks)
+}
+
+pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
+    let path = hearth_models::locate::resolve_model(args.model.model.as_deref())?;
+    let device = hearth_engine::parse_device(&args.model.device)?;
+    if args.max_running == 0 || args.max_queue == 0 {
+        anyhow::bail!("--max-running and --max-queue must be at least 1");
+    }
+    let served = args.served_model_name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let mut keys = args.api_keys.clone();
+    if let Ok(env) = std::env::var("HEARTH_API_KEYS") {
+        keys.extend(
+            env.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(String::from),
+        );
+    }
+    if keys.iter().any(|k| k.trim().is_empty()) {
+        anyhow::bail!("an empty --api-key is not allowed");
+    }
+    let state = AppState::new(served.clone(), &keys);
+    let config = ServerConfig {
+        addr: SocketAddr::new(args.host, args.port),
+        served_model: served,
+        api_keys: keys,
+        shutdown_grace: Duration::from_secs(args.shutdown_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hearth-http")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+
+    // Load in the background: the listener answers /health (and 503 on /ready) meanwhile.
+    let started = Instant::now();
+    let loader_state = state.clone();
+    let pool = Arc::new(pool);
+    std::thread::Builder::new()
+        .name("hearth-loader".into())
+        .spawn(move || {
+            let result = (|| -> anyhow::Result<()> {
+                let model = Arc::new(
+                    LoadedModel::load(&path, &device)
+                        .with_context(|| format!("cannot load {}", path.display()))?,
+                );
+                let sched = SchedulerConfig {
+                    max_running: args.max_running,
+                    max_queue: args.max_queue,
+                    kv_blocks: Some(kv_blocks(&args, &model)?),
+                    ..SchedulerConfig::default()
+                };
+                let (handle, _thread) = scheduler::spawn(model.clone(), sched, pool)?;
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    kv_cache_tokens = handle.kv_capacity_tokens(),
+                    "model loaded; ready"
+                );
+                loader_state.set_engine(Engine {
+                    model,
+                    scheduler: handle,
+                });
+                Ok(())
+            })();
+            if let Err(e) = result {
+                let msg = format!("{e:#}").replace('\n', " ");
+                eprintln!("error: {msg}");
+                std::process::exit(1);
+            }
+        })
+        .context("cannot start the loader thread")?;
+
+    let addr = config.addr;
+    runtime
+        .block_on(hearth_server::serve(config, state, |bound| {
+            println!("hearth: listening on http://{bound}");
+            let _ = std::io::stdout().flush();
+        }))
+        .with_context(|| format!("cannot serve on {addr}"))?;
+    // In-flight work past the grace period is abandoned with the runtime.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
