@@ -113,13 +113,21 @@ pub fn send(
         head.push_str(&format!("Content-Length: {}\r\n", b.len()));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    if let Some(b) = body {
-        stream.write_all(b)?;
-    }
+    // A server may answer before reading the whole body (413) and close: then the
+    // write fails, but its response is what matters.
+    let written = stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body.unwrap_or_default()));
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader.read_line(&mut line)?;
+    match reader.read_line(&mut line) {
+        Ok(n) if n > 0 => {}
+        other => {
+            written?;
+            other?;
+            return Err(bad("connection closed before the status line"));
+        }
+    }
     let status = line
         .split_whitespace()
         .nth(1)

@@ -103,6 +103,8 @@ pub struct Generation {
     pub params: Vec<SamplingParams>,
     /// Explicit limit, if the client gave one.
     pub max_tokens: Option<usize>,
+    /// The name the client gave it by.
+    pub max_tokens_param: &'static str,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -160,6 +162,7 @@ impl CommonFields {
             Some((_, v)) => Some(v as usize),
             None => None,
         };
+        let max_tokens_param = max.map_or("max_tokens", |(name, _)| name);
         let mut p = SamplingParams {
             // OpenAI's default temperature is 1.
             temperature: self.temperature.unwrap_or(1.0),
@@ -260,6 +263,7 @@ impl CommonFields {
         Ok(Generation {
             params,
             max_tokens,
+            max_tokens_param,
             stop,
             stream,
             include_usage,

@@ -177,6 +177,8 @@ pub async fn completions(
 /// What one choice came to.
 struct ChoiceResult {
     text: String,
+    /// Bytes of echoed prompt at the start of `text`.
+    echo_len: usize,
     tokens: Vec<TokenInfo>,
     finish: &'static str,
     completion_tokens: usize,
@@ -203,11 +205,7 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
     let ctx = engine.scheduler.context_length();
-    let max_param = if kind == Kind::Chat {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
-    };
+    let max_param = gen.max_tokens_param;
     let prompt_param = if kind == Kind::Chat {
         "messages"
     } else {
@@ -370,6 +368,7 @@ async fn whole_response(
         let job = job.clone();
         async move {
             let mut text = echo.unwrap_or_default();
+            let echo_len = text.len();
             let mut tokens = Vec::new();
             let (finish, completion_tokens) = drive_choice(&job, rx, |r| {
                 text.push_str(&r.text);
@@ -379,6 +378,7 @@ async fn whole_response(
             .await?;
             Ok::<_, ApiError>(ChoiceResult {
                 text,
+                echo_len,
                 tokens,
                 finish,
                 completion_tokens,
@@ -401,7 +401,7 @@ async fn whole_response(
             Kind::Completion => json!({
                 "index": i,
                 "text": r.text,
-                "logprobs": job.logprobs.then(|| completion_logprobs(&r.tokens, 0)),
+                "logprobs": job.logprobs.then(|| completion_logprobs(&r.tokens, r.echo_len)),
                 "finish_reason": r.finish,
             }),
         })
