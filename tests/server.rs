@@ -2,6 +2,7 @@
 //! default model, spoken to over real HTTP (SSE wire format included).
 
 #[path = "../src/http_client.rs"]
+#[allow(dead_code)] // the load generator uses the rest
 mod http_client;
 
 use std::io::{BufRead, BufReader};

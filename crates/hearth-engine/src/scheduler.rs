@@ -401,11 +401,10 @@ impl Scheduler<'_> {
         let mut i = 0;
         while i < self.running.len() {
             let input = self.running[i].next_input();
-            if self.running[i].is_prefill() {
-                if input.len() > budget && budget < self.config.prefill_budget {
-                    i += 1;
-                    continue;
-                }
+            let over_budget = input.len() > budget && budget < self.config.prefill_budget;
+            if self.running[i].is_prefill() && over_budget {
+                i += 1;
+                continue;
             }
             loop {
                 let s = &mut self.running[i];
