@@ -76,13 +76,27 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A pool of `num_blocks` blocks of [`BLOCK_SIZE`] tokens.
+    /// A pool of `num_blocks` blocks of [`BLOCK_SIZE`] tokens, laid out for `device`.
     pub fn new(
         num_layers: usize,
         num_kv_heads: usize,
         head_dim: usize,
         num_blocks: usize,
         device: &Device,
+    ) -> Result<Self, EngineError> {
+        let host = device.is_cpu();
+        Self::with_layout(num_layers, num_kv_heads, head_dim, num_blocks, device, host)
+    }
+
+    /// Like [`KvCache::new`]; `host` picks plain memory for the CPU kernels, else candle
+    /// tensors on `device`.
+    pub fn with_layout(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        num_blocks: usize,
+        device: &Device,
+        host: bool,
     ) -> Result<Self, EngineError> {
         if num_blocks == 0 || num_blocks > u32::MAX as usize {
             return Err(EngineError::Input(format!(
@@ -91,7 +105,7 @@ impl KvCache {
         }
         let cells = num_blocks * BLOCK_SIZE;
         let width = num_kv_heads * head_dim;
-        let storage = if device.is_cpu() {
+        let storage = if host {
             Storage::Host(
                 (0..num_layers)
                     .map(|_| HostLayer {

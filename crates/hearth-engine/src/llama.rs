@@ -188,6 +188,8 @@ pub struct Llama {
     output: Arc<Linear>,
     /// Per-pair rope frequency divisors (`rope_freqs.weight`), when the file has them.
     rope_factors: Option<Vec<f32>>,
+    /// Run the candle-tensor path (the one GPUs take) even on the CPU.
+    tensor_path: bool,
 }
 
 impl Llama {
@@ -230,7 +232,19 @@ impl Llama {
             output_norm: l.norm("output_norm.weight")?,
             output,
             rope_factors,
+            tensor_path: false,
         })
+    }
+
+    /// Runs the graph as candle tensor ops — the path CUDA and Metal take — on the CPU
+    /// too, so that path can be tested without a GPU. Caches must be made after this.
+    #[doc(hidden)]
+    pub fn use_tensor_path(&mut self) {
+        self.tensor_path = true;
+    }
+
+    fn host_path(&self) -> bool {
+        self.device.is_cpu() && !self.tensor_path
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -244,12 +258,13 @@ impl Llama {
     /// A KV block pool of `num_blocks` blocks.
     pub fn new_cache(&self, num_blocks: usize) -> Result<KvCache, EngineError> {
         let c = &self.config;
-        KvCache::new(
+        KvCache::with_layout(
             c.num_layers,
             c.num_kv_heads,
             c.head_dim,
             num_blocks,
             &self.device,
+            self.host_path(),
         )
     }
 
@@ -333,7 +348,7 @@ impl Llama {
                 self.rope_factors.as_deref(),
             ));
         }
-        let logits = if self.device.is_cpu() {
+        let logits = if self.host_path() {
             self.forward_host(cache, items, &ropes)?
         } else {
             let mut out = Vec::with_capacity(items.len());

@@ -76,3 +76,56 @@ fn batched_logits_equal_solo_logits() {
         }
     }
 }
+
+/// The candle-tensor path (what CUDA and Metal run) on the CPU: it agrees with the kernel
+/// path on the next token, and where a sequence's blocks lie changes no bit of it.
+#[test]
+fn tensor_path_agrees_and_paging_is_transparent() {
+    let mut model = common::default_model();
+    model.model.use_tensor_path();
+    let tok = &model.info.tokenizer;
+    let prompt = tok.encode("The capital of France is", true).unwrap();
+
+    let run = |cache: &mut hearth_engine::KvCache, table: &mut BlockTable| {
+        let mut logits = vec![model.prefill(cache, table, &prompt).unwrap()];
+        for _ in 0..20 {
+            let next = argmax(logits.last().unwrap());
+            logits.push(model.model.forward(cache, table, &[next]).unwrap());
+        }
+        logits
+    };
+    // Alone in a fresh pool: consecutive blocks.
+    let mut cache = model.model.new_cache(64).unwrap();
+    let mut table = BlockTable::new();
+    let plain = run(&mut cache, &mut table);
+    // In a pool whose free blocks are interleaved with another sequence's.
+    let mut cache = model.model.new_cache(64).unwrap();
+    let (mut other, mut table) = (BlockTable::new(), BlockTable::new());
+    for n in 1..=4 {
+        assert!(cache.allocate(&mut other, n * hearth_engine::BLOCK_SIZE));
+        assert!(cache.allocate(&mut table, n * hearth_engine::BLOCK_SIZE));
+    }
+    let scattered = run(&mut cache, &mut table);
+    assert!(table.blocks().windows(2).any(|w| w[1] != w[0] + 1));
+    for (step, (a, b)) in plain.iter().zip(&scattered).enumerate() {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "step {step}: block placement changed the logits"
+        );
+    }
+
+    // Against the kernel path: same first token, logits close.
+    let host = common::default_model();
+    let mut cache = host.model.cache_for_sequences(1).unwrap();
+    let mut table = BlockTable::new();
+    let want = host.prefill(&mut cache, &mut table, &prompt).unwrap();
+    assert_eq!(argmax(&want), argmax(&plain[0]));
+    let dot: f64 = want
+        .iter()
+        .zip(&plain[0])
+        .map(|(a, b)| (*a as f64) * (*b as f64))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&want) * norm(&plain[0]));
+    assert!(cosine > 0.999, "cosine similarity {cosine}");
+}
