@@ -49,6 +49,12 @@ impl Read for Body {
                     return Ok(0);
                 }
                 let got = self.reader.read(&mut buf[..n])?;
+                if got == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed before the end of the body",
+                    ));
+                }
                 *left -= got;
                 Ok(got)
             }

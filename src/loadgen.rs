@@ -122,6 +122,7 @@ fn one_request(
     let mut last = start;
     let mut itl = Vec::new();
     let mut tokens = 0;
+    let mut chunks = 0;
     while let Some(data) = events.next_data()? {
         if data == "[DONE]" {
             break;
@@ -137,6 +138,7 @@ fn one_request(
             .as_str()
             .is_some_and(|c| !c.is_empty());
         if has_content {
+            chunks += 1;
             let now = Instant::now();
             match ttft {
                 None => ttft = Some((now - start).as_secs_f64()),
@@ -146,7 +148,8 @@ fn one_request(
         }
     }
     let ttft = ttft.ok_or_else(|| anyhow::anyhow!("no content was streamed"))?;
-    Ok((itl, ttft, tokens))
+    // Servers that send no usage: count content chunks (one token each, mostly).
+    Ok((itl, ttft, if tokens > 0 { tokens } else { chunks }))
 }
 
 fn run_level(args: &ServeBenchArgs, authority: &str, model: &str, concurrency: usize) -> Level {

@@ -80,6 +80,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         frequency_penalty: args.frequency_penalty,
         presence_penalty: args.presence_penalty,
         penalty_last_n: args.repeat_last_n,
+        penalize_prompt: true,
         logit_bias: Vec::new(),
         seed: args.seed.unwrap_or_else(fresh_seed),
     };

@@ -65,7 +65,7 @@ fn kv_blocks(args: &ServeArgs, model: &LoadedModel) -> anyhow::Result<usize> {
     let full = hearth_engine::KvCache::blocks_for(model.context_length()) * args.max_running;
     let blocks = match args.kv_cache_mb {
         Some(mb) => {
-            let blocks = (mb << 20) / block;
+            let blocks = mb.checked_mul(1 << 20).map_or(usize::MAX, |b| b / block);
             if blocks == 0 {
                 anyhow::bail!(
                     "--kv-cache-mb {mb} is less than one KV block ({} KiB)",
@@ -93,7 +93,7 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
-    let mut keys = args.api_keys.clone();
+    let mut keys: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_owned()).collect();
     if let Ok(env) = std::env::var("HEARTH_API_KEYS") {
         keys.extend(
             env.split(',')
@@ -102,7 +102,7 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
                 .map(String::from),
         );
     }
-    if keys.iter().any(|k| k.trim().is_empty()) {
+    if keys.iter().any(String::is_empty) {
         anyhow::bail!("an empty --api-key is not allowed");
     }
     let state = AppState::new(served.clone(), &keys);

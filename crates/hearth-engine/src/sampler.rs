@@ -24,6 +24,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// How many recent tokens the penalties look at (0 = all).
     pub penalty_last_n: usize,
+    /// Whether the prompt counts for the penalties (llama.cpp) or only generated tokens
+    /// do (OpenAI). Used by the scheduler, which knows where the prompt ends.
+    pub penalize_prompt: bool,
     /// Added to the logits of these tokens before anything else.
     pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
@@ -40,6 +43,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             penalty_last_n: 64,
+            penalize_prompt: true,
             logit_bias: Vec::new(),
             seed: 0,
         }

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -130,7 +130,7 @@ struct Submission {
 /// The client side: submit requests, get a stream of events for each.
 #[derive(Clone)]
 pub struct SchedulerHandle {
-    tx: SyncSender<Submission>,
+    tx: Sender<Submission>,
     max_queue: usize,
     context: usize,
     kv_tokens: usize,
@@ -141,6 +141,39 @@ impl SchedulerHandle {
     /// Queues a request; its events arrive on the returned receiver. Dropping the
     /// receiver cancels the request at the next step and frees its blocks.
     pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        let mut rx = self.submit_all(vec![request])?;
+        Ok(rx.pop().expect("one receiver per request"))
+    }
+
+    /// Queues several requests (the choices of one API call) together: all are checked
+    /// and given queue places at once, or none is.
+    pub fn submit_all(
+        &self,
+        requests: Vec<Request>,
+    ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
+        for r in &requests {
+            self.check(r)?;
+        }
+        let k = requests.len();
+        let reserved = self.stats.waiting.fetch_update(Relaxed, Relaxed, |w| {
+            (w + k <= self.max_queue).then_some(w + k)
+        });
+        if reserved.is_err() {
+            return Err(SubmitError::QueueFull(self.max_queue));
+        }
+        let mut receivers = Vec::with_capacity(k);
+        for (i, request) in requests.into_iter().enumerate() {
+            let (events, rx) = unbounded_channel();
+            if self.tx.send(Submission { request, events }).is_err() {
+                self.stats.waiting.fetch_sub(k - i, Relaxed);
+                return Err(SubmitError::Stopped);
+            }
+            receivers.push(rx);
+        }
+        Ok(receivers)
+    }
+
+    fn check(&self, request: &Request) -> Result<(), SubmitError> {
         let n = request.prompt.len();
         if n == 0 {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
@@ -153,24 +186,16 @@ impl SchedulerHandle {
         }
         if n >= self.kv_tokens {
             return Err(SubmitError::Invalid(format!(
-                "the prompt is {n} tokens long but the KV cache holds {} tokens; \
-                 give it more memory (--kv-cache-mb)",
+                "the prompt is {n} tokens long but the KV cache holds only {} tokens",
                 self.kv_tokens
             )));
         }
-        request.params.validate().map_err(SubmitError::Invalid)?;
-        let (events, rx) = unbounded_channel();
-        self.stats.waiting.fetch_add(1, Relaxed);
-        match self.tx.try_send(Submission { request, events }) {
-            Ok(()) => Ok(rx),
-            Err(e) => {
-                self.stats.waiting.fetch_sub(1, Relaxed);
-                Err(match e {
-                    TrySendError::Full(_) => SubmitError::QueueFull(self.max_queue),
-                    TrySendError::Disconnected(_) => SubmitError::Stopped,
-                })
-            }
-        }
+        request.params.validate().map_err(SubmitError::Invalid)
+    }
+
+    /// Whether the scheduler thread is still running.
+    pub fn is_running(&self) -> bool {
+        !self.stats.stopped.load(Relaxed)
     }
 
     pub fn stats(&self) -> &Arc<SchedulerStats> {
@@ -236,7 +261,8 @@ pub fn spawn(
     let cache = model.model.new_cache(blocks)?;
     let stats = Arc::new(SchedulerStats::default());
     stats.kv_blocks_total.store(blocks, Relaxed);
-    let (tx, rx) = mpsc::sync_channel(config.max_queue.max(1));
+    // The queue's bound is the `waiting` count, checked in `submit_all`.
+    let (tx, rx) = mpsc::channel();
     let handle = SchedulerHandle {
         tx,
         max_queue: config.max_queue,
@@ -247,6 +273,14 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("hearth-scheduler".into())
         .spawn(move || {
+            // Marks the scheduler stopped however the thread ends, panics included.
+            struct Stopped(Arc<SchedulerStats>);
+            impl Drop for Stopped {
+                fn drop(&mut self) {
+                    self.0.stopped.store(true, Relaxed);
+                }
+            }
+            let _stopped = Stopped(stats.clone());
             let mut s = Scheduler {
                 model: &model,
                 config,
@@ -256,7 +290,6 @@ pub fn spawn(
                 stats,
             };
             pool.install(|| s.run(rx));
-            s.stats.stopped.store(true, Relaxed);
         })
         .map_err(|e| EngineError::Device(format!("cannot start the scheduler thread: {e}")))?;
     Ok((handle, thread))
@@ -275,36 +308,30 @@ struct Scheduler<'m> {
 
 impl Scheduler<'_> {
     fn run(&mut self, rx: Receiver<Submission>) {
-        // The channel is the waiting queue: requests are taken from it only when they
-        // can start, so a full channel is real backpressure.
+        // Everything submitted moves to `waiting` at once (its size is bounded by
+        // `submit_all`), so cancelled requests are dropped wherever they wait.
         let mut open = true;
         loop {
-            self.drop_cancelled();
-            while self.running.len() < self.config.max_running {
-                if self.waiting.is_empty() && open {
-                    let next = if self.running.is_empty() {
-                        // Nothing to do: wait, but wake now and then.
-                        match rx.recv_timeout(Duration::from_millis(50)) {
-                            Ok(s) => Some(s),
-                            Err(RecvTimeoutError::Timeout) => None,
-                            Err(RecvTimeoutError::Disconnected) => {
-                                open = false;
-                                None
-                            }
-                        }
-                    } else {
-                        rx.try_recv().ok()
-                    };
-                    match next {
-                        Some(s) => self.accept(s),
-                        None => break,
-                    }
-                    continue;
-                }
-                if !self.admit_next() {
-                    break;
+            if self.running.is_empty() && self.waiting.is_empty() && open {
+                // Nothing to do: wait, but wake now and then.
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(s) => self.accept(s),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => open = false,
                 }
             }
+            loop {
+                match rx.try_recv() {
+                    Ok(s) => self.accept(s),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            while self.running.len() < self.config.max_running && self.admit_next() {}
             if !open && self.running.is_empty() && self.waiting.is_empty() {
                 return;
             }
@@ -491,7 +518,12 @@ impl Scheduler<'_> {
                 continue; // more prompt to go
             }
             let lp = s.logprobs.map(|n| (log_softmax(&l), n));
-            let tok = s.sampler.sample(&mut l, &s.tokens);
+            let history = if s.sampler.params().penalize_prompt {
+                &s.tokens[..]
+            } else {
+                &s.tokens[s.prompt_len..]
+            };
+            let tok = s.sampler.sample(&mut l, history);
             if !s.ignore_eos && self.model.info.tokenizer.is_eog(tok) {
                 s.finish(FinishReason::Stop);
                 finished.push(i);

@@ -251,7 +251,7 @@ fn a_small_pool_preempts_instead_of_failing() {
         })
         .unwrap_err();
     assert!(
-        err.to_string().contains("KV cache holds 192 tokens"),
+        err.to_string().contains("KV cache holds only 192 tokens"),
         "{err}"
     );
 }

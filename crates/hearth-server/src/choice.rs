@@ -9,6 +9,8 @@ use hearth_models::{IncrementalDecoder, Tokenizer};
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenInfo {
     pub text: String,
+    /// Where the token's text starts in the choice's generated text (bytes).
+    pub offset: usize,
     pub bytes: Vec<u8>,
     pub logprob: f32,
     /// (text, bytes, logprob), most likely first.
@@ -30,12 +32,14 @@ pub struct ChoiceText {
     stop: Vec<String>,
     /// Text decoded but not yet released.
     held: String,
-    /// Tokens not yet released, with the end of their text in `held`.
-    held_tokens: Vec<(usize, TokenInfo)>,
+    /// Tokens not yet released, with the start and end of their text in `held`.
+    held_tokens: Vec<(usize, usize, TokenInfo)>,
+    /// Bytes of text released so far.
+    released: usize,
     stopped: bool,
 }
 
-fn token_info(tok: &Tokenizer, id: u32, lp: &TokenLogprobs) -> TokenInfo {
+fn token_info(tok: &Tokenizer, id: u32, lp: &TokenLogprobs, offset: usize) -> TokenInfo {
     let entry = |id: u32| {
         let bytes = tok.token_bytes(id).to_vec();
         (String::from_utf8_lossy(&bytes).into_owned(), bytes)
@@ -43,6 +47,7 @@ fn token_info(tok: &Tokenizer, id: u32, lp: &TokenLogprobs) -> TokenInfo {
     let (text, bytes) = entry(id);
     TokenInfo {
         text,
+        offset,
         bytes,
         logprob: lp.logprob,
         top: lp
@@ -63,6 +68,7 @@ impl ChoiceText {
             stop,
             held: String::new(),
             held_tokens: Vec::new(),
+            released: 0,
             stopped: false,
         }
     }
@@ -75,13 +81,14 @@ impl ChoiceText {
                 ..Release::default()
             };
         }
+        let start = self.held.len();
         if !tok.is_control(id) {
             let piece = self.decoder.push(tok.token_bytes(id));
             self.held.push_str(&piece);
         }
         if let Some(lp) = logprobs {
-            self.held_tokens
-                .push((self.held.len(), token_info(tok, id, lp)));
+            let info = token_info(tok, id, lp, self.released + start);
+            self.held_tokens.push((start, self.held.len(), info));
         }
         self.release(false)
     }
@@ -113,24 +120,27 @@ impl ChoiceText {
         self.stopped = stopped;
         let text = self.held[..cut].to_owned();
         let done = if stopped {
-            // Tokens that ended before the stop sequence began.
+            // Every token whose text begins before the stop sequence, and text-less
+            // tokens before it.
             self.held_tokens
                 .iter()
-                .filter(|(end, _)| *end <= cut)
+                .take_while(|(start, end, _)| *start < cut || *end <= cut)
                 .count()
         } else {
             self.held_tokens
                 .iter()
-                .take_while(|(end, _)| *end <= cut)
+                .take_while(|(_, end, _)| *end <= cut)
                 .count()
         };
-        let tokens = self.held_tokens.drain(..done).map(|(_, t)| t).collect();
+        let tokens = self.held_tokens.drain(..done).map(|(_, _, t)| t).collect();
+        self.released += cut;
         if stopped {
             self.held.clear();
             self.held_tokens.clear();
         } else {
             self.held.drain(..cut);
-            for (end, _) in &mut self.held_tokens {
+            for (start, end, _) in &mut self.held_tokens {
+                *start = start.saturating_sub(cut);
                 *end -= cut;
             }
         }
@@ -203,5 +213,30 @@ mod tests {
         // Multi-byte text next to a stop.
         let mut c = ChoiceText::new(vec!["☃☃".into()]);
         assert_eq!(feed(&mut c, &["é☃", "x☃", "☃y"]), ("é☃x".into(), true));
+    }
+
+    #[test]
+    fn logprob_tokens_carry_their_offsets_and_reach_the_stop() {
+        let mut c = ChoiceText::new(vec!["STOP".into()]);
+        let mut got = Vec::new();
+        for piece in ["ab", "c S", "TOP", "x"] {
+            let start = c.held.len();
+            c.held.push_str(piece);
+            let info = TokenInfo {
+                text: piece.into(),
+                offset: c.released + start,
+                bytes: piece.as_bytes().to_vec(),
+                logprob: -1.0,
+                top: Vec::new(),
+            };
+            c.held_tokens.push((start, c.held.len(), info));
+            let r = c.release(false);
+            got.extend(r.tokens.into_iter().map(|t| (t.text, t.offset)));
+            if r.stopped {
+                break;
+            }
+        }
+        // "c S" straddles the stop: its "c " was sent, so its logprob is too.
+        assert_eq!(got, vec![("ab".into(), 0), ("c S".into(), 2)]);
     }
 }

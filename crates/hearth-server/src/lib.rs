@@ -144,7 +144,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         return ApiError::unavailable("The server is shutting down.").into_response();
     }
     match state.engine.get() {
-        Some(_) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
+        Some(e) if e.scheduler.is_running() => {
+            axum::Json(serde_json::json!({"status": "ready"})).into_response()
+        }
+        Some(_) => ApiError::unavailable("The engine has stopped.").into_response(),
         None => ApiError::unavailable("The model is still loading.").into_response(),
     }
 }
@@ -175,7 +178,7 @@ async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/models", get(routes::list_models))
-        .route("/v1/models/{id}", get(routes::get_model))
+        .route("/v1/models/{*id}", get(routes::get_model))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/health", get(health))

@@ -159,7 +159,7 @@ impl CommonFields {
                     format!("Invalid '{name}': {v}; it must be at least 1."),
                 ))
             }
-            Some((_, v)) => Some(v as usize),
+            Some((_, v)) => Some(usize::try_from(v).unwrap_or(usize::MAX)),
             None => None,
         };
         let max_tokens_param = max.map_or("max_tokens", |(name, _)| name);
@@ -171,7 +171,9 @@ impl CommonFields {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            // OpenAI's penalties look at the generated tokens only.
             penalty_last_n: 0,
+            penalize_prompt: false,
             ..SamplingParams::default()
         };
         range("temperature", p.temperature, 0.0, 2.0)?;

@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::future::join_all;
+use futures_util::future::try_join_all;
 use hearth_engine::scheduler::{Event, Request, SubmitError};
 use hearth_engine::FinishReason;
 use serde_json::{json, Map, Value};
@@ -24,6 +24,9 @@ use crate::{AppState, Engine};
 
 /// Tokens a text completion produces when the client sets no limit (OpenAI's default).
 const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// Choices one request may ask for, all prompts together.
+const MAX_CHOICES: usize = 128;
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -240,25 +243,33 @@ async fn run(
         };
         limits.push(max);
     }
-    let mut receivers = Vec::new();
+    let choices = prompts.len() * gen.params.len();
+    if choices > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            Some("n"),
+            format!(
+                "This request asks for {choices} choices (prompts × n); at most {MAX_CHOICES}."
+            ),
+        ));
+    }
+    let mut requests = Vec::with_capacity(choices);
     for (p, &max_tokens) in prompts.iter().zip(&limits) {
         for params in &gen.params {
-            let req = Request {
+            requests.push(Request {
                 prompt: p.tokens.clone(),
                 params: params.clone(),
                 max_tokens,
                 logprobs: gen.logprobs,
                 ignore_eos: gen.ignore_eos,
-            };
-            // On a refusal the receivers taken so far are dropped: those choices cancel.
-            let rx = engine.scheduler.submit(req).map_err(|e| match e {
-                SubmitError::QueueFull(n) => ApiError::queue_full(n),
-                SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
-                SubmitError::Invalid(msg) => ApiError::invalid(Some(prompt_param), msg),
-            })?;
-            receivers.push(rx);
+            });
         }
     }
+    // All choices get queue places together, or the request is refused.
+    let receivers = engine.scheduler.submit_all(requests).map_err(|e| match e {
+        SubmitError::QueueFull(n) => ApiError::queue_full(n),
+        SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
+        SubmitError::Invalid(msg) => ApiError::invalid(Some(prompt_param), msg),
+    })?;
     let prompt_tokens: usize = prompts.iter().map(|p| p.tokens.len()).sum();
     let n = gen.params.len();
     let echoes: Vec<Option<String>> = prompts
@@ -329,8 +340,10 @@ async fn drive_choice(
             }
             Event::Finished { reason, .. } => {
                 let r = text.finish();
+                let stopped = r.stopped;
                 emit(r);
                 let finish = match reason {
+                    _ if stopped => "stop",
                     FinishReason::Stop => "stop",
                     FinishReason::Length => "length",
                 };
@@ -385,7 +398,8 @@ async fn whole_response(
             })
         }
     });
-    let results: Vec<ChoiceResult> = join_all(runs).await.into_iter().collect::<Result<_, _>>()?;
+    // The first failure drops the other choices, which cancels them.
+    let results: Vec<ChoiceResult> = try_join_all(runs).await?;
     let completion_tokens: usize = results.iter().map(|r| r.completion_tokens).sum();
     finish_metrics(&job, completion_tokens);
     let choices: Vec<Value> = results
@@ -462,12 +476,8 @@ fn chat_logprobs(tokens: &[TokenInfo]) -> Value {
 
 /// Completions shape: parallel arrays, `top_logprobs` as token → logprob maps, and each
 /// token's offset in the choice's text (starting at `offset`).
-fn completion_logprobs(tokens: &[TokenInfo], mut offset: usize) -> Value {
-    let mut text_offset = Vec::with_capacity(tokens.len());
-    for t in tokens {
-        text_offset.push(offset);
-        offset += t.text.len();
-    }
+fn completion_logprobs(tokens: &[TokenInfo], offset: usize) -> Value {
+    let text_offset: Vec<usize> = tokens.iter().map(|t| offset + t.offset).collect();
     json!({
         "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
         "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
@@ -509,6 +519,7 @@ impl Job {
         v
     }
 
+    /// `offset`: bytes before the generated text in the choice (the echoed prompt).
     fn text_chunk(&self, index: usize, release: &Release, offset: usize) -> Value {
         match self.kind {
             Kind::Chat => self.chunk(json!({
@@ -575,9 +586,7 @@ fn stream_response(
                 if r.text.is_empty() && r.tokens.is_empty() {
                     return !tx.is_closed();
                 }
-                let chunk = sse(&job.text_chunk(index, &r, offset));
-                offset += r.text.len();
-                tx.send(chunk).is_ok()
+                tx.send(sse(&job.text_chunk(index, &r, offset))).is_ok()
             });
             let result = tokio::select! {
                 r = drive => r,
