@@ -32,7 +32,8 @@ pub struct ChoiceText {
     stop: Vec<String>,
     /// Text decoded but not yet released.
     held: String,
-    /// Tokens not yet released, with the start and end of their text in `held`.
+    /// Tokens not yet released, with the start and end of their text in the choice's
+    /// whole text (bytes; `released` of it have been sent).
     held_tokens: Vec<(usize, usize, TokenInfo)>,
     /// Bytes of text released so far.
     released: usize,
@@ -81,14 +82,15 @@ impl ChoiceText {
                 ..Release::default()
             };
         }
-        let start = self.held.len();
+        let start = self.released + self.held.len();
         if !tok.is_control(id) {
             let piece = self.decoder.push(tok.token_bytes(id));
             self.held.push_str(&piece);
         }
         if let Some(lp) = logprobs {
-            let info = token_info(tok, id, lp, self.released + start);
-            self.held_tokens.push((start, self.held.len(), info));
+            let end = self.released + self.held.len();
+            self.held_tokens
+                .push((start, end, token_info(tok, id, lp, start)));
         }
         self.release(false)
     }
@@ -119,30 +121,27 @@ impl ChoiceText {
         };
         self.stopped = stopped;
         let text = self.held[..cut].to_owned();
+        let cut_at = self.released + cut;
         let done = if stopped {
             // Every token whose text begins before the stop sequence, and text-less
             // tokens before it.
             self.held_tokens
                 .iter()
-                .take_while(|(start, end, _)| *start < cut || *end <= cut)
+                .take_while(|(start, end, _)| *start < cut_at || *end <= cut_at)
                 .count()
         } else {
             self.held_tokens
                 .iter()
-                .take_while(|(_, end, _)| *end <= cut)
+                .take_while(|(_, end, _)| *end <= cut_at)
                 .count()
         };
         let tokens = self.held_tokens.drain(..done).map(|(_, _, t)| t).collect();
-        self.released += cut;
+        self.released = cut_at;
         if stopped {
             self.held.clear();
             self.held_tokens.clear();
         } else {
             self.held.drain(..cut);
-            for (start, end, _) in &mut self.held_tokens {
-                *start = start.saturating_sub(cut);
-                *end -= cut;
-            }
         }
         Release {
             text,
@@ -163,6 +162,41 @@ impl ChoiceText {
                 self.stop.iter().any(|s| s.starts_with(tail))
             })
             .unwrap_or(0)
+    }
+}
+
+/// Fuzzing aid: feeds `pieces` as successive token texts and checks the contract: no
+/// stop sequence (or part of one) is ever released, and without a stop everything is.
+#[doc(hidden)]
+pub fn check_stop_contract(stop: Vec<String>, pieces: &[String]) {
+    let mut c = ChoiceText::new(stop.clone());
+    let mut out = String::new();
+    let mut stopped = false;
+    for p in pieces {
+        c.held.push_str(p);
+        let r = c.release(false);
+        out.push_str(&r.text);
+        if r.stopped {
+            stopped = true;
+            break;
+        }
+    }
+    if !stopped {
+        let r = c.release(true);
+        out.push_str(&r.text);
+        stopped = r.stopped;
+    }
+    let all: String = pieces.concat();
+    for s in &stop {
+        assert!(!out.contains(s.as_str()), "released a stop sequence");
+    }
+    if stopped {
+        assert!(
+            all.starts_with(&out),
+            "released text that was not generated"
+        );
+    } else {
+        assert_eq!(out, all, "lost text");
     }
 }
 
@@ -220,16 +254,16 @@ mod tests {
         let mut c = ChoiceText::new(vec!["STOP".into()]);
         let mut got = Vec::new();
         for piece in ["ab", "c S", "TOP", "x"] {
-            let start = c.held.len();
+            let start = c.released + c.held.len();
             c.held.push_str(piece);
             let info = TokenInfo {
                 text: piece.into(),
-                offset: c.released + start,
+                offset: start,
                 bytes: piece.as_bytes().to_vec(),
                 logprob: -1.0,
                 top: Vec::new(),
             };
-            c.held_tokens.push((start, c.held.len(), info));
+            c.held_tokens.push((start, c.released + c.held.len(), info));
             let r = c.release(false);
             got.extend(r.tokens.into_iter().map(|t| (t.text, t.offset)));
             if r.stopped {

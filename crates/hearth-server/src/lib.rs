@@ -27,6 +27,36 @@ use hearth_engine::{LoadedModel, SchedulerHandle};
 pub use error::ApiError;
 pub use metrics::resident_bytes;
 
+/// Fuzzing entry: runs request bytes through every parser and check a handler would,
+/// and the stop-sequence logic over the body's `"pieces"` (an array of strings). Must
+/// never panic.
+#[doc(hidden)]
+pub fn fuzz_request(data: &[u8]) {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if !body.is_object() {
+        return;
+    }
+    if let Ok(c) = request::CommonFields::parse(&body) {
+        if let Ok(g) = c.generation(Some(3), 49152) {
+            let pieces: Vec<String> = body
+                .get("pieces")
+                .and_then(|p| serde_json::from_value(p.clone()).ok())
+                .unwrap_or_default();
+            choice::check_stop_contract(g.stop, &pieces);
+        }
+    }
+    if let Ok(c) = request::ChatFields::parse(&body) {
+        let _ = c.messages();
+        let _ = c.logprobs();
+    }
+    if let Ok(c) = request::CompletionFields::parse(&body) {
+        let _ = c.prompts();
+        let _ = c.logprobs();
+    }
+}
+
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::future::try_join_all;
 use hearth_engine::scheduler::{Event, Request, SubmitError};
-use hearth_engine::FinishReason;
+use hearth_engine::{FinishReason, LoadedModel};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
@@ -111,19 +111,25 @@ pub async fn chat_completions(
     let info = &engine.model.info;
     let gen = common.generation(chat.logprobs()?, info.config.vocab_size)?;
     let messages = chat.messages()?;
-    let text = info.chat_template.render(&messages, true).map_err(|e| {
-        ApiError::invalid(
-            Some("messages"),
-            format!("The chat template rejected the messages: {e}"),
-        )
-    })?;
-    let tokens = info.tokenizer.encode(&text, false).map_err(|e| {
-        ApiError::invalid(
-            Some("messages"),
-            format!("Cannot tokenize the messages: {e}"),
-        )
-    })?;
-    let prompts = vec![PromptJob { tokens, echo: None }];
+    let model = engine.model.clone();
+    // Template and tokenizer work is CPU work: off the async threads.
+    let prompts = blocking(move || {
+        let info = &model.info;
+        let text = info.chat_template.render(&messages, true).map_err(|e| {
+            ApiError::invalid(
+                Some("messages"),
+                format!("The chat template rejected the messages: {e}"),
+            )
+        })?;
+        let tokens = info.tokenizer.encode(&text, false).map_err(|e| {
+            ApiError::invalid(
+                Some("messages"),
+                format!("Cannot tokenize the messages: {e}"),
+            )
+        })?;
+        Ok(vec![PromptJob { tokens, echo: None }])
+    })
+    .await?;
     run(state.clone(), Kind::Chat, gen, prompts, received).await
 }
 
@@ -148,8 +154,31 @@ pub async fn completions(
         }
     }
     let echo = fields.echo.unwrap_or(false);
+    let inputs = fields.prompts()?;
+    let model = engine.model.clone();
+    let prompts = blocking(move || prompt_jobs(&model, inputs, echo)).await?;
+    run(state.clone(), Kind::Completion, gen, prompts, received).await
+}
+
+/// Runs `f` on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!("a blocking task failed: {e}");
+        ApiError::internal()
+    })?
+}
+
+/// Completion prompts as token ids (and their text, for `echo`).
+fn prompt_jobs(
+    model: &LoadedModel,
+    inputs: Vec<PromptInput>,
+    echo: bool,
+) -> Result<Vec<PromptJob>, ApiError> {
+    let info = &model.info;
     let mut prompts = Vec::new();
-    for p in fields.prompts()? {
+    for p in inputs {
         let (tokens, text) = match p {
             PromptInput::Text(t) => {
                 let ids = info.tokenizer.encode(&t, true).map_err(|e| {
@@ -174,7 +203,7 @@ pub async fn completions(
             echo: echo.then_some(text),
         });
     }
-    run(state.clone(), Kind::Completion, gen, prompts, received).await
+    Ok(prompts)
 }
 
 /// What one choice came to.
