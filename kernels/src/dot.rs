@@ -100,7 +100,7 @@ pub mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum8(x: __m256) -> f32 {
+    pub(crate) unsafe fn hsum8(x: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(x, 1);
         let r = _mm_add_ps(hi, _mm256_castps256_ps128(x));
         let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -111,7 +111,7 @@ pub mod avx2 {
     /// 16 bytes of nibbles -> 32 bytes: low nibbles first, then high nibbles.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
+    pub(crate) unsafe fn nibbles(p: *const u8) -> __m256i {
         let t = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
         _mm256_and_si256(both, _mm256_set1_epi8(0x0f))

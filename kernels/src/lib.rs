@@ -39,6 +39,7 @@ macro_rules! multiversion {
 pub mod attention;
 pub mod blocks;
 pub mod dot;
+pub mod gemm;
 pub mod math;
 pub mod matmul;
 pub mod quantize;

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::blocks::{read_blocks, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlBlock, QK};
 use crate::dot;
+use crate::gemm::{self, TileOut, TILE_COLS, TILE_ROWS};
 use crate::quantize::{quantize_row_q8_0, quantize_row_q8_1};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -125,7 +126,7 @@ impl QMatrix {
                 out,
                 quantize_row_q8_0,
                 dot::dot_q4_0_q8_0,
-                dot::dot_q4_0_q8_0_x2,
+                gemm::tile_q4_0,
             ),
             Data::Q4_1(w) => run(
                 w,
@@ -135,7 +136,7 @@ impl QMatrix {
                 out,
                 quantize_row_q8_1,
                 dot::dot_q4_1_q8_1,
-                dot::dot_q4_1_q8_1_x2,
+                gemm::tile_q4_1,
             ),
             Data::Q8_0(w) => run(
                 w,
@@ -145,7 +146,7 @@ impl QMatrix {
                 out,
                 quantize_row_q8_0,
                 dot::dot_q8_0_q8_0,
-                dot::dot_q8_0_q8_0_x2,
+                gemm::tile_q8_0,
             ),
         }
     }
@@ -158,8 +159,8 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Two weight rows against one activation row.
-type PairDot<W, A> = fn(&[W], &[W], &[A]) -> [f32; 2];
+/// Four weight rows against one to four activation rows.
+type Tile<W, A> = fn([&[W]; TILE_ROWS], &[&[A]], &mut TileOut);
 
 #[allow(clippy::too_many_arguments)]
 fn run<W: Sync, A: Default + Copy + Send + Sync>(
@@ -170,7 +171,7 @@ fn run<W: Sync, A: Default + Copy + Send + Sync>(
     out: &mut [f32],
     quantize: fn(&[f32], &mut [A]),
     dot: fn(&[W], &[A]) -> f32,
-    dot2: PairDot<W, A>,
+    tile: Tile<W, A>,
 ) {
     let nb = k / QK;
     let m = x.len() / k;
@@ -189,22 +190,29 @@ fn run<W: Sync, A: Default + Copy + Send + Sync>(
         let r0 = band * BAND;
         let r1 = (r0 + BAND).min(n);
         let row = |r: usize| &w[r * nb..(r + 1) * nb];
-        for i in 0..m {
-            let a = &xq[i * nb..(i + 1) * nb];
+        let act = |i: usize| &xq[i * nb..(i + 1) * nb];
+        let mut tile_out: TileOut = [[0.0; TILE_COLS]; TILE_ROWS];
+        // Up to four activation rows at a time against four weight rows at a time.
+        for i0 in (0..m).step_by(TILE_COLS) {
+            let cols = (m - i0).min(TILE_COLS);
+            let acts: [&[A]; TILE_COLS] = std::array::from_fn(|c| act(i0 + c.min(cols - 1)));
             let mut r = r0;
             // SAFETY (the writes below): i < m and r < n, so each index is inside `out`;
             // each (i, r) is written by exactly one task (the one owning row r).
-            while r + 1 < r1 {
-                let [v0, v1] = dot2(row(r), row(r + 1), a);
-                unsafe {
-                    *p.0.add(i * n + r) = v0;
-                    *p.0.add(i * n + r + 1) = v1;
+            while r + TILE_ROWS <= r1 {
+                tile(std::array::from_fn(|j| row(r + j)), &acts[..cols], &mut tile_out);
+                for (j, outs) in tile_out.iter().enumerate() {
+                    for (c, &v) in outs[..cols].iter().enumerate() {
+                        unsafe { *p.0.add((i0 + c) * n + r + j) = v };
+                    }
                 }
-                r += 2;
+                r += TILE_ROWS;
             }
-            if r < r1 {
-                let v = dot(row(r), a);
-                unsafe { *p.0.add(i * n + r) = v };
+            for r in r..r1 {
+                for (c, a) in acts[..cols].iter().enumerate() {
+                    let v = dot(row(r), a);
+                    unsafe { *p.0.add((i0 + c) * n + r) = v };
+                }
             }
         }
     });

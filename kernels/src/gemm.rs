@@ -1,0 +1,374 @@
+//! Tiles of a quantized matmul: four weight rows against up to four activation rows per
+//! call. Each weight block is unpacked once and each activation block loaded once per
+//! tile instead of once per dot product, and on CPUs with AVX-512 VNNI one `vpdpbusd`
+//! replaces the `maddubs` + `madd` pair of plain AVX2.
+//!
+//! Every (weight row, activation row) result is computed with exactly the operations of
+//! the single dot products in [`crate::dot`] — the integer lane sums are exact either
+//! way, and each pair keeps its own f32 accumulator chain in block order — so a tile's
+//! outputs equal the dot products' bit for bit (the tests check it for every shape).
+
+use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use crate::dot;
+
+/// Weight rows per tile.
+pub const TILE_ROWS: usize = 4;
+/// Activation rows per tile, at most.
+pub const TILE_COLS: usize = 4;
+
+/// Output of one tile: `out[r][c]` = dot(weight row r, activation row c).
+pub type TileOut = [[f32; TILE_COLS]; TILE_ROWS];
+
+/// Whether the AVX-512 VNNI tiles are usable (`HEARTH_NO_VNNI=1` turns them off, to test
+/// the AVX2 tiles on a VNNI machine).
+pub fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(|| {
+            crate::has_avx2()
+                && std::env::var_os("HEARTH_NO_VNNI").is_none_or(|v| v.is_empty() || v == "0")
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::TileOut;
+    use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+    use crate::dot::avx2::{hsum8, nibbles};
+
+    /// How a block's unsigned × signed byte products become eight i32 lane sums (four
+    /// adjacent products each). Both ways give the same integers for GGML's value ranges.
+    pub trait Products {
+        unsafe fn lanes(ux: __m256i, sy: __m256i) -> __m256i;
+    }
+
+    pub struct Avx2;
+    impl Products for Avx2 {
+        #[inline(always)]
+        unsafe fn lanes(ux: __m256i, sy: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(ux, sy), _mm256_set1_epi16(1))
+        }
+    }
+
+    pub struct Vnni;
+    impl Products for Vnni {
+        #[inline(always)]
+        unsafe fn lanes(ux: __m256i, sy: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ux, sy)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn f16x2(a: f16, b: f16) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128((a.to_bits() as u32 | (b.to_bits() as u32) << 16) as i32));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+    }
+
+    /// A weight format's block as the tile needs it: signed or unsigned bytes and scales.
+    pub trait WeightBlock {
+        /// Bytes to multiply: unsigned for Q4_1 (0..15), signed for Q4_0/Q8_0.
+        unsafe fn bytes(&self) -> __m256i;
+        /// (scale, min); min is 0 where the format has none.
+        unsafe fn scales(&self) -> (f32, f32);
+        const SIGNED: bool;
+        const HAS_MIN: bool;
+    }
+
+    impl WeightBlock for BlockQ4_1 {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            nibbles(self.qs.as_ptr())
+        }
+        #[inline(always)]
+        unsafe fn scales(&self) -> (f32, f32) {
+            f16x2(self.d, self.m)
+        }
+        const SIGNED: bool = false;
+        const HAS_MIN: bool = true;
+    }
+
+    impl WeightBlock for BlockQ4_0 {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            _mm256_sub_epi8(nibbles(self.qs.as_ptr()), _mm256_set1_epi8(8))
+        }
+        #[inline(always)]
+        unsafe fn scales(&self) -> (f32, f32) {
+            (f16x2(self.d, f16::ZERO).0, 0.0)
+        }
+        const SIGNED: bool = true;
+        const HAS_MIN: bool = false;
+    }
+
+    impl WeightBlock for BlockQ8_0 {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn scales(&self) -> (f32, f32) {
+            (f16x2(self.d, f16::ZERO).0, 0.0)
+        }
+        const SIGNED: bool = true;
+        const HAS_MIN: bool = false;
+    }
+
+    /// An activation block: its bytes, scale, and (Q8_1) scaled sum.
+    pub trait ActBlock {
+        unsafe fn bytes(&self) -> __m256i;
+        unsafe fn scales(&self) -> (f32, f32);
+    }
+
+    impl ActBlock for BlockQ8_1 {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn scales(&self) -> (f32, f32) {
+            f16x2(self.d, self.s)
+        }
+    }
+
+    impl ActBlock for BlockQ8_0 {
+        #[inline(always)]
+        unsafe fn bytes(&self) -> __m256i {
+            _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn scales(&self) -> (f32, f32) {
+            (f16x2(self.d, f16::ZERO).0, 0.0)
+        }
+    }
+
+    /// `R` weight rows × `C` activation rows. Per pair, per block, in order: `summs +=
+    /// m·s` (Q4_1), `acc = fma(d_w·d_a, lanes, acc)`; then `hsum8(acc) + summs` — the
+    /// operations of `dot::avx2`'s single dot products.
+    #[inline(always)]
+    pub unsafe fn tile<P: Products, W: WeightBlock, A: ActBlock, const R: usize, const C: usize>(
+        w: [&[W]; R],
+        a: [&[A]; C],
+        out: &mut TileOut,
+    ) {
+        let nb = a[0].len();
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut summs = [[0f32; C]; R];
+        for b in 0..nb {
+            let mut wx = [_mm256_setzero_si256(); R];
+            let mut wd = [0f32; R];
+            let mut wm = [0f32; R];
+            for r in 0..R {
+                let blk = w[r].get_unchecked(b);
+                wx[r] = blk.bytes();
+                (wd[r], wm[r]) = blk.scales();
+            }
+            // Signed weights use the sign trick: |w| × (a with w's sign).
+            let mut ux = wx;
+            if W::SIGNED {
+                for u in ux.iter_mut() {
+                    *u = _mm256_sign_epi8(*u, *u);
+                }
+            }
+            for c in 0..C {
+                let blk = a[c].get_unchecked(b);
+                let ay = blk.bytes();
+                let (ad, asum) = blk.scales();
+                for r in 0..R {
+                    if W::HAS_MIN {
+                        summs[r][c] += wm[r] * asum;
+                    }
+                    let sy = if W::SIGNED {
+                        _mm256_sign_epi8(ay, wx[r])
+                    } else {
+                        ay
+                    };
+                    let p = _mm256_cvtepi32_ps(P::lanes(ux[r], sy));
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * ad), p, acc[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[r][c] = if W::HAS_MIN {
+                    hsum8(acc[r][c]) + summs[r][c]
+                } else {
+                    hsum8(acc[r][c])
+                };
+            }
+        }
+    }
+
+    macro_rules! entry {
+        ($name:ident, $p:ty, $features:literal) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<W: WeightBlock, A: ActBlock>(
+                w: [&[W]; 4],
+                a: &[&[A]],
+                out: &mut TileOut,
+            ) {
+                match a.len() {
+                    1 => tile::<$p, W, A, 4, 1>(w, [a[0]], out),
+                    2 => tile::<$p, W, A, 4, 2>(w, [a[0], a[1]], out),
+                    3 => tile::<$p, W, A, 4, 3>(w, [a[0], a[1], a[2]], out),
+                    _ => tile::<$p, W, A, 4, 4>(w, [a[0], a[1], a[2], a[3]], out),
+                }
+            }
+        };
+    }
+    entry!(tile_avx2, Avx2, "avx2,fma,f16c");
+    entry!(tile_vnni, Vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
+}
+
+macro_rules! tile_fn {
+    ($(#[$doc:meta])* $name:ident, $w:ty, $a:ty, $dot:path) => {
+        $(#[$doc])*
+        /// `a` holds 1 to [`TILE_COLS`] activation rows of the same number of blocks as
+        /// each weight row.
+        pub fn $name(w: [&[$w]; TILE_ROWS], a: &[&[$a]], out: &mut TileOut) {
+            assert!((1..=TILE_COLS).contains(&a.len()), "1 to 4 activation rows");
+            let nb = a[0].len();
+            assert!(
+                w.iter().all(|r| r.len() == nb) && a.iter().all(|r| r.len() == nb),
+                "rows of equal length"
+            );
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: the features were detected; lengths were checked above.
+                if has_vnni() {
+                    return unsafe { x86::tile_vnni(w, a, out) };
+                }
+                if crate::has_avx2() {
+                    return unsafe { x86::tile_avx2(w, a, out) };
+                }
+            }
+            for (r, wr) in w.iter().enumerate() {
+                for (c, ac) in a.iter().enumerate() {
+                    out[r][c] = $dot(wr, ac);
+                }
+            }
+        }
+    };
+}
+
+tile_fn!(
+    /// Q4_1 weights × Q8_1 activations.
+    tile_q4_1,
+    BlockQ4_1,
+    BlockQ8_1,
+    dot::dot_q4_1_q8_1
+);
+tile_fn!(
+    /// Q4_0 weights × Q8_0 activations.
+    tile_q4_0,
+    BlockQ4_0,
+    BlockQ8_0,
+    dot::dot_q4_0_q8_0
+);
+tile_fn!(
+    /// Q8_0 weights × Q8_0 activations.
+    tile_q8_0,
+    BlockQ8_0,
+    BlockQ8_0,
+    dot::dot_q8_0_q8_0
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::QK;
+    use crate::quantize::{quantize_row_q8_0, quantize_row_q8_1};
+    use half::f16;
+
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    fn acts(m: usize, k: usize, next: &mut impl FnMut() -> u64) -> Vec<f32> {
+        (0..m * k)
+            .map(|_| (next() % 20001) as f32 / 1000.0 - 10.0)
+            .collect()
+    }
+
+    #[test]
+    fn tiles_equal_the_dot_products_bit_for_bit() {
+        let mut next = rng(7);
+        for nb in [1, 3, 18, 48] {
+            let k = nb * QK;
+            let w41: Vec<BlockQ4_1> = (0..4 * nb)
+                .map(|_| BlockQ4_1 {
+                    d: f16::from_f32((next() % 1000) as f32 / 1e4),
+                    m: f16::from_f32(-((next() % 1000) as f32) / 1e3),
+                    qs: std::array::from_fn(|_| next() as u8),
+                })
+                .collect();
+            let w40: Vec<BlockQ4_0> = (0..4 * nb)
+                .map(|_| BlockQ4_0 {
+                    d: f16::from_f32((next() % 1000) as f32 / 1e4),
+                    qs: std::array::from_fn(|_| next() as u8),
+                })
+                .collect();
+            let w80: Vec<BlockQ8_0> = (0..4 * nb)
+                .map(|_| BlockQ8_0 {
+                    d: f16::from_f32((next() % 1000) as f32 / 1e4),
+                    qs: std::array::from_fn(|_| (next() % 255) as i8 - 127),
+                })
+                .collect();
+            let x = acts(4, k, &mut next);
+            let mut a1 = vec![BlockQ8_1::default(); 4 * nb];
+            let mut a0 = vec![BlockQ8_0::default(); 4 * nb];
+            for i in 0..4 {
+                quantize_row_q8_1(&x[i * k..(i + 1) * k], &mut a1[i * nb..(i + 1) * nb]);
+                quantize_row_q8_0(&x[i * k..(i + 1) * k], &mut a0[i * nb..(i + 1) * nb]);
+            }
+            fn rows<T>(v: &[T], nb: usize) -> [&[T]; 4] {
+                std::array::from_fn(|r| &v[r * nb..(r + 1) * nb])
+            }
+            for cols in 1..=4 {
+                let ar1: Vec<&[BlockQ8_1]> = (0..cols).map(|c| &a1[c * nb..(c + 1) * nb]).collect();
+                let ar0: Vec<&[BlockQ8_0]> = (0..cols).map(|c| &a0[c * nb..(c + 1) * nb]).collect();
+                let mut out = [[0f32; 4]; 4];
+                tile_q4_1(rows(&w41, nb), &ar1, &mut out);
+                for r in 0..4 {
+                    for c in 0..cols {
+                        let want = dot::dot_q4_1_q8_1_ref(&w41[r * nb..(r + 1) * nb], ar1[c]);
+                        assert_eq!(out[r][c].to_bits(), want.to_bits(), "q4_1 nb {nb} r {r} c {c}");
+                    }
+                }
+                tile_q4_0(rows(&w40, nb), &ar0, &mut out);
+                for r in 0..4 {
+                    for c in 0..cols {
+                        let want = dot::dot_q4_0_q8_0_ref(&w40[r * nb..(r + 1) * nb], ar0[c]);
+                        assert_eq!(out[r][c].to_bits(), want.to_bits(), "q4_0 nb {nb} r {r} c {c}");
+                    }
+                }
+                tile_q8_0(rows(&w80, nb), &ar0, &mut out);
+                for r in 0..4 {
+                    for c in 0..cols {
+                        let want = dot::dot_q8_0_q8_0_ref(&w80[r * nb..(r + 1) * nb], ar0[c]);
+                        assert_eq!(out[r][c].to_bits(), want.to_bits(), "q8_0 nb {nb} r {r} c {c}");
+                    }
+                }
+            }
+        }
+    }
+}
