@@ -85,10 +85,9 @@ fn round_up64(n: usize) -> usize {
     n.div_ceil(64) * 64
 }
 
-/// Per-task scratch: widened rows, scores, probabilities.
+/// Per-task scratch: the f16-rounded query, scores, probabilities.
 struct Scratch {
     q: Vec<f32>,
-    row: Vec<f32>,
     w: Vec<f32>,
     p: Vec<f32>,
 }
@@ -96,11 +95,15 @@ struct Scratch {
 /// What one (query row, head) task needs to know.
 #[derive(Clone, Copy)]
 struct HeadTask<'a> {
-    kv: KvView<'a>,
+    /// This KV head's keys as f32, `[cell][head_dim]`.
+    k: &'a [f32],
+    /// This KV head's values as f32, `[d][cells]` (rows of `stride`, zero past the
+    /// sequence).
+    v: &'a [f32],
+    stride: usize,
     shape: AttentionShape,
     scale: f32,
     visible: usize,
-    kv_head: usize,
     tiled_scores: bool,
     tiled_values: bool,
 }
@@ -108,12 +111,8 @@ struct HeadTask<'a> {
 multiversion! {
     /// Attention of one query row of one head; `out` gets `head_dim` values.
     fn attend_head(task: HeadTask<'_>, q: &[f32], scratch: &mut Scratch, out: &mut [f32]) {
-        let s = task.shape;
-        let hd = s.head_dim;
-        let kv_width = s.kv_heads * hd;
-        let g = task.kv_head;
-        let Scratch { q: qf, row, w, p } = scratch;
-        let bs = task.kv.block_size;
+        let Scratch { q: qf, w, p } = scratch;
+        let hd = task.shape.head_dim;
         // The query meets the keys as f16.
         for (d, &x) in qf.iter_mut().zip(q) {
             *d = f16::from_f32(x).to_f32();
@@ -121,13 +120,11 @@ multiversion! {
         let mut max = f32::NEG_INFINITY;
         for (j, wj) in w.iter_mut().enumerate() {
             *wj = if j < task.visible {
-                let cell = task.kv.blocks[j / bs] as usize * bs + j % bs;
-                let key = &task.kv.k[cell * kv_width + g * hd..][..hd];
-                key.convert_to_f32_slice(&mut row[..hd]);
+                let key = &task.k[j * hd..(j + 1) * hd];
                 let dot = if task.tiled_scores {
-                    dot_tiled(&row[..hd], qf)
+                    dot_tiled(key, qf)
                 } else {
-                    dot_vec(&row[..hd], qf)
+                    dot_vec(key, qf)
                 };
                 dot * task.scale
             } else {
@@ -149,19 +146,14 @@ multiversion! {
         for (pj, &e) in p.iter_mut().zip(w.iter()) {
             *pj = f16::from_f32(e * inv).to_f32();
         }
-        // Cells past the visible ones have probability 0; they are summed as zeros.
+        // Cells past the visible ones have probability 0 (and finite values).
         let n = round_up64(task.visible);
-        row[task.visible..n].fill(0.0);
         for (d, od) in out.iter_mut().enumerate() {
-            let r = g * hd + d;
-            for (bi, dst) in row[..task.visible].chunks_mut(bs).enumerate() {
-                let b = task.kv.blocks[bi] as usize;
-                task.kv.v[(b * kv_width + r) * bs..][..dst.len()].convert_to_f32_slice(dst);
-            }
+            let row = &task.v[d * task.stride..][..n];
             *od = if task.tiled_values {
-                dot_tiled(&row[..n], &p[..n])
+                dot_tiled(row, &p[..n])
             } else {
-                dot_vec(&row[..n], &p[..n])
+                dot_vec(row, &p[..n])
             };
         }
     }
@@ -190,27 +182,84 @@ pub fn attend(
     // that is not a multiple of 16 (scores) and a head size not a multiple of 4 (values).
     let tiled_scores = seq >= 2 && hd.is_multiple_of(16);
     let tiled_values = seq >= 2 && hd.is_multiple_of(4);
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        || Scratch {
-            q: vec![0f32; hd],
-            row: vec![0f32; padded.max(hd)],
-            w: vec![0f32; padded],
-            p: vec![0f32; padded],
-        },
-        |scratch, (idx, o)| {
-            let (t, h) = (idx / s.heads, idx % s.heads);
-            let task = HeadTask {
-                kv,
-                shape: s,
-                scale,
-                visible: pos + t + 1,
-                kv_head: h / n_rep,
-                tiled_scores,
-                tiled_values,
-            };
-            attend_head(task, &q[idx * hd..(idx + 1) * hd], scratch, o);
-        },
-    );
+    // The sequence's keys and values as f32, converted once per call (not once per query
+    // row and head): keys `[kv_head][cell][d]`, values `[kv_head][d][cell]` with rows of
+    // `padded` cells, zero past the sequence.
+    let total = pos + seq;
+    WIDE.with(|cell| {
+        // A re-entrant call on this thread (a rayon worker stealing another attention
+        // call) gets buffers of its own.
+        let mut own = (Vec::new(), Vec::new());
+        let mut borrowed = cell.try_borrow_mut();
+        let (kf, vf) = match borrowed.as_deref_mut() {
+            Ok(b) => b,
+            Err(_) => &mut own,
+        };
+        kf.resize(s.kv_heads * total * hd, 0.0);
+        vf.resize(s.kv_heads * hd * padded, 0.0);
+        widen(kv, s, total, padded, kf, vf);
+        let (kf, vf) = (&kf[..], &vf[..]);
+        out.par_chunks_mut(hd).enumerate().for_each_init(
+            || Scratch {
+                q: vec![0f32; hd],
+                w: vec![0f32; padded],
+                p: vec![0f32; padded],
+            },
+            |scratch, (idx, o)| {
+                let (t, h) = (idx / s.heads, idx % s.heads);
+                let g = h / n_rep;
+                let task = HeadTask {
+                    k: &kf[g * total * hd..(g + 1) * total * hd],
+                    v: &vf[g * hd * padded..(g + 1) * hd * padded],
+                    stride: padded,
+                    shape: s,
+                    scale,
+                    visible: pos + t + 1,
+                    tiled_scores,
+                    tiled_values,
+                };
+                attend_head(task, &q[idx * hd..(idx + 1) * hd], scratch, o);
+            },
+        );
+    });
+}
+
+thread_local! {
+    /// Widened keys and values, reused across calls on the calling thread.
+    static WIDE: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// Gathers the first `total` cells of the sequence from its blocks into f32 `kf`
+/// (`[kv_head][cell][d]`) and `vf` (`[kv_head][d][padded]`, zero past `total`).
+fn widen(
+    kv: KvView<'_>,
+    s: AttentionShape,
+    total: usize,
+    padded: usize,
+    kf: &mut [f32],
+    vf: &mut [f32],
+) {
+    let hd = s.head_dim;
+    let width = s.kv_heads * hd;
+    let bs = kv.block_size;
+    kf.par_chunks_mut(total * hd)
+        .enumerate()
+        .for_each(|(g, kg)| {
+            for (j, dst) in kg.chunks_exact_mut(hd).enumerate() {
+                let cell = kv.blocks[j / bs] as usize * bs + j % bs;
+                kv.k[cell * width + g * hd..][..hd].convert_to_f32_slice(dst);
+            }
+        });
+    vf.par_chunks_mut(padded).enumerate().for_each(|(r, row)| {
+        // r = kv_head * hd + d: the row index inside each block's [width][bs] values.
+        for (bi, dst) in row[..total].chunks_mut(bs).enumerate() {
+            let b = kv.blocks[bi] as usize;
+            kv.v[(b * width + r) * bs..][..dst.len()].convert_to_f32_slice(dst);
+        }
+        row[total..].fill(0.0);
+    });
 }
 
 #[cfg(test)]

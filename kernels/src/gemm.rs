@@ -44,8 +44,6 @@ pub fn has_vnni() -> bool {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use half::f16;
-
     use super::TileOut;
     use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
     use crate::dot::avx2::{hsum8, nibbles};
@@ -72,18 +70,27 @@ mod x86 {
         }
     }
 
+    /// The first four bytes of a block: its f16 scale and (Q4_1, Q8_1) its f16 min or
+    /// sum; for the other formats the second half is data, never used as a number.
     #[inline(always)]
-    unsafe fn f16x2(a: f16, b: f16) -> (f32, f32) {
-        let v = _mm_cvtph_ps(_mm_cvtsi32_si128((a.to_bits() as u32 | (b.to_bits() as u32) << 16) as i32));
-        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+    unsafe fn head<B>(b: &B) -> i32 {
+        const { assert!(std::mem::size_of::<B>() >= 4) };
+        std::ptr::read_unaligned(b as *const B as *const i32)
+    }
+
+    /// The scale pairs of up to four blocks, as f32 (exact, like `f16::to_f32`), in one
+    /// conversion: `[d0, m0, d1, m1, ...]`.
+    #[inline(always)]
+    unsafe fn scale_pairs<B, const N: usize>(blocks: [&B; N]) -> [f32; 8] {
+        let h: [i32; 4] = std::array::from_fn(|i| if i < N { head(blocks[i]) } else { 0 });
+        let v = _mm256_cvtph_ps(_mm_setr_epi32(h[0], h[1], h[2], h[3]));
+        std::mem::transmute::<__m256, [f32; 8]>(v)
     }
 
     /// A weight format's block as the tile needs it: signed or unsigned bytes and scales.
     pub trait WeightBlock {
         /// Bytes to multiply: unsigned for Q4_1 (0..15), signed for Q4_0/Q8_0.
         unsafe fn bytes(&self) -> __m256i;
-        /// (scale, min); min is 0 where the format has none.
-        unsafe fn scales(&self) -> (f32, f32);
         const SIGNED: bool;
         const HAS_MIN: bool;
     }
@@ -92,10 +99,6 @@ mod x86 {
         #[inline(always)]
         unsafe fn bytes(&self) -> __m256i {
             nibbles(self.qs.as_ptr())
-        }
-        #[inline(always)]
-        unsafe fn scales(&self) -> (f32, f32) {
-            f16x2(self.d, self.m)
         }
         const SIGNED: bool = false;
         const HAS_MIN: bool = true;
@@ -106,10 +109,6 @@ mod x86 {
         unsafe fn bytes(&self) -> __m256i {
             _mm256_sub_epi8(nibbles(self.qs.as_ptr()), _mm256_set1_epi8(8))
         }
-        #[inline(always)]
-        unsafe fn scales(&self) -> (f32, f32) {
-            (f16x2(self.d, f16::ZERO).0, 0.0)
-        }
         const SIGNED: bool = true;
         const HAS_MIN: bool = false;
     }
@@ -119,10 +118,6 @@ mod x86 {
         unsafe fn bytes(&self) -> __m256i {
             _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
         }
-        #[inline(always)]
-        unsafe fn scales(&self) -> (f32, f32) {
-            (f16x2(self.d, f16::ZERO).0, 0.0)
-        }
         const SIGNED: bool = true;
         const HAS_MIN: bool = false;
     }
@@ -130,7 +125,6 @@ mod x86 {
     /// An activation block: its bytes, scale, and (Q8_1) scaled sum.
     pub trait ActBlock {
         unsafe fn bytes(&self) -> __m256i;
-        unsafe fn scales(&self) -> (f32, f32);
     }
 
     impl ActBlock for BlockQ8_1 {
@@ -138,20 +132,12 @@ mod x86 {
         unsafe fn bytes(&self) -> __m256i {
             _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
         }
-        #[inline(always)]
-        unsafe fn scales(&self) -> (f32, f32) {
-            f16x2(self.d, self.s)
-        }
     }
 
     impl ActBlock for BlockQ8_0 {
         #[inline(always)]
         unsafe fn bytes(&self) -> __m256i {
             _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
-        }
-        #[inline(always)]
-        unsafe fn scales(&self) -> (f32, f32) {
-            (f16x2(self.d, f16::ZERO).0, 0.0)
         }
     }
 
@@ -168,14 +154,11 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut summs = [[0f32; C]; R];
         for b in 0..nb {
-            let mut wx = [_mm256_setzero_si256(); R];
-            let mut wd = [0f32; R];
-            let mut wm = [0f32; R];
-            for r in 0..R {
-                let blk = w[r].get_unchecked(b);
-                wx[r] = blk.bytes();
-                (wd[r], wm[r]) = blk.scales();
-            }
+            let wb: [&W; R] = std::array::from_fn(|r| w[r].get_unchecked(b));
+            let ab: [&A; C] = std::array::from_fn(|c| a[c].get_unchecked(b));
+            let ws = scale_pairs(wb);
+            let as_ = scale_pairs(ab);
+            let wx: [__m256i; R] = std::array::from_fn(|r| wb[r].bytes());
             // Signed weights use the sign trick: |w| × (a with w's sign).
             let mut ux = wx;
             if W::SIGNED {
@@ -184,12 +167,12 @@ mod x86 {
                 }
             }
             for c in 0..C {
-                let blk = a[c].get_unchecked(b);
-                let ay = blk.bytes();
-                let (ad, asum) = blk.scales();
+                let ay = ab[c].bytes();
+                let (ad, asum) = (as_[2 * c], as_[2 * c + 1]);
                 for r in 0..R {
+                    let (wd, wm) = (ws[2 * r], ws[2 * r + 1]);
                     if W::HAS_MIN {
-                        summs[r][c] += wm[r] * asum;
+                        summs[r][c] += wm * asum;
                     }
                     let sy = if W::SIGNED {
                         _mm256_sign_epi8(ay, wx[r])
@@ -197,7 +180,7 @@ mod x86 {
                         ay
                     };
                     let p = _mm256_cvtepi32_ps(P::lanes(ux[r], sy));
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * ad), p, acc[r][c]);
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(wd * ad), p, acc[r][c]);
                 }
             }
         }
@@ -351,21 +334,33 @@ mod tests {
                 for r in 0..4 {
                     for c in 0..cols {
                         let want = dot::dot_q4_1_q8_1_ref(&w41[r * nb..(r + 1) * nb], ar1[c]);
-                        assert_eq!(out[r][c].to_bits(), want.to_bits(), "q4_1 nb {nb} r {r} c {c}");
+                        assert_eq!(
+                            out[r][c].to_bits(),
+                            want.to_bits(),
+                            "q4_1 nb {nb} r {r} c {c}"
+                        );
                     }
                 }
                 tile_q4_0(rows(&w40, nb), &ar0, &mut out);
                 for r in 0..4 {
                     for c in 0..cols {
                         let want = dot::dot_q4_0_q8_0_ref(&w40[r * nb..(r + 1) * nb], ar0[c]);
-                        assert_eq!(out[r][c].to_bits(), want.to_bits(), "q4_0 nb {nb} r {r} c {c}");
+                        assert_eq!(
+                            out[r][c].to_bits(),
+                            want.to_bits(),
+                            "q4_0 nb {nb} r {r} c {c}"
+                        );
                     }
                 }
                 tile_q8_0(rows(&w80, nb), &ar0, &mut out);
                 for r in 0..4 {
                     for c in 0..cols {
                         let want = dot::dot_q8_0_q8_0_ref(&w80[r * nb..(r + 1) * nb], ar0[c]);
-                        assert_eq!(out[r][c].to_bits(), want.to_bits(), "q8_0 nb {nb} r {r} c {c}");
+                        assert_eq!(
+                            out[r][c].to_bits(),
+                            want.to_bits(),
+                            "q8_0 nb {nb} r {r} c {c}"
+                        );
                     }
                 }
             }

@@ -200,7 +200,11 @@ fn run<W: Sync, A: Default + Copy + Send + Sync>(
             // SAFETY (the writes below): i < m and r < n, so each index is inside `out`;
             // each (i, r) is written by exactly one task (the one owning row r).
             while r + TILE_ROWS <= r1 {
-                tile(std::array::from_fn(|j| row(r + j)), &acts[..cols], &mut tile_out);
+                tile(
+                    std::array::from_fn(|j| row(r + j)),
+                    &acts[..cols],
+                    &mut tile_out,
+                );
                 for (j, outs) in tile_out.iter().enumerate() {
                     for (c, &v) in outs[..cols].iter().enumerate() {
                         unsafe { *p.0.add((i0 + c) * n + r + j) = v };
