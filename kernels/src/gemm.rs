@@ -19,8 +19,27 @@ pub const TILE_COLS: usize = 4;
 /// Output of one tile: `out[r][c]` = dot(weight row r, activation row c).
 pub type TileOut = [[f32; TILE_COLS]; TILE_ROWS];
 
+/// Whether the CPU has AVX-VNNI (256-bit `vpdpbusd` without AVX-512); `HEARTH_NO_VNNI=1`
+/// turns it off.
+pub fn has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(|| {
+            crate::has_avx2()
+                && std::env::var_os("HEARTH_NO_VNNI").is_none_or(|v| v.is_empty() || v == "0")
+                && std::is_x86_feature_detected!("avxvnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the AVX-512 VNNI tiles are usable (`HEARTH_NO_VNNI=1` turns them off, to test
-/// the AVX2 tiles on a VNNI machine).
+/// the AVX2 tiles on a VNNI machine; `HEARTH_NO_AVX512=1` leaves AVX-VNNI on).
 pub fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -29,7 +48,10 @@ pub fn has_vnni() -> bool {
         *VNNI.get_or_init(|| {
             crate::has_avx2()
                 && std::env::var_os("HEARTH_NO_VNNI").is_none_or(|v| v.is_empty() || v == "0")
+                && std::env::var_os("HEARTH_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
                 && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
                 && std::is_x86_feature_detected!("avx512vl")
                 && std::is_x86_feature_detected!("avx512vnni")
         })
@@ -62,11 +84,12 @@ mod x86 {
         }
     }
 
-    pub struct Vnni;
-    impl Products for Vnni {
+    /// AVX-VNNI (VEX-encoded `vpdpbusd`, on CPUs without AVX-512).
+    pub struct AvxVnni;
+    impl Products for AvxVnni {
         #[inline(always)]
         unsafe fn lanes(ux: __m256i, sy: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ux, sy)
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ux, sy)
         }
     }
 
@@ -195,6 +218,107 @@ mod x86 {
         }
     }
 
+    /// The AVX-512 VNNI tile: two weight rows share one 512-bit register (row r in the
+    /// low half, row r+1 in the high half) against an activation block broadcast to both
+    /// halves, so one `vpdpbusd`, one conversion and one FMA serve two (row, column)
+    /// pairs. Each half is exactly the 256-bit computation of [`tile`]: same integer
+    /// lanes, same scale products, same FMA chain per pair, same final sums.
+    #[inline(always)]
+    pub unsafe fn tile512<W: WeightBlock, A: ActBlock, const C: usize>(
+        w: [&[W]; 4],
+        a: [&[A]; C],
+        out: &mut TileOut,
+    ) {
+        let nb = a[0].len();
+        // acc[p][c]: pairs (2p, c) low and (2p+1, c) high.
+        let mut acc = [[_mm512_setzero_ps(); C]; 2];
+        // summs[c]: rows 0..4 for column c (Q4_1).
+        let mut summs = [_mm_setzero_ps(); C];
+        // Lane pattern picking d of rows (2p, 2p+1) out of [d0, m0, d1, m1, ...].
+        let pick_d = [
+            _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+            _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+        ];
+        let pick_m = _mm_setr_epi32(1, 3, 5, 7);
+        for b in 0..nb {
+            let wb: [&W; 4] = std::array::from_fn(|r| w[r].get_unchecked(b));
+            let ab: [&A; C] = std::array::from_fn(|c| a[c].get_unchecked(b));
+            let ws = _mm256_cvtph_ps(_mm_setr_epi32(
+                head(wb[0]),
+                head(wb[1]),
+                head(wb[2]),
+                head(wb[3]),
+            ));
+            let as_ = scale_pairs(ab);
+            let ws512 = _mm512_castps256_ps512(ws);
+            let wd = [
+                _mm512_permutexvar_ps(pick_d[0], ws512),
+                _mm512_permutexvar_ps(pick_d[1], ws512),
+            ];
+            let wm = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(
+                ws,
+                _mm256_castsi128_si256(pick_m),
+            ));
+            let pair = |r: usize| {
+                _mm512_inserti64x4(_mm512_castsi256_si512(wb[r].bytes()), wb[r + 1].bytes(), 1)
+            };
+            let wx = [pair(0), pair(2)];
+            let ux = if W::SIGNED {
+                [_mm512_abs_epi8(wx[0]), _mm512_abs_epi8(wx[1])]
+            } else {
+                wx
+            };
+            for c in 0..C {
+                let ay = _mm512_broadcast_i64x4(ab[c].bytes());
+                let ad = _mm512_set1_ps(as_[2 * c]);
+                if W::HAS_MIN {
+                    let s = _mm_mul_ps(wm, _mm_set1_ps(as_[2 * c + 1]));
+                    summs[c] = _mm_add_ps(summs[c], s);
+                }
+                for p in 0..2 {
+                    // Signed weights: |w| × (a with w's sign), as psignb does.
+                    let sy = if W::SIGNED {
+                        let neg = _mm512_movepi8_mask(wx[p]);
+                        _mm512_mask_sub_epi8(ay, neg, _mm512_setzero_si512(), ay)
+                    } else {
+                        ay
+                    };
+                    let lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ux[p], sy);
+                    let d = _mm512_mul_ps(wd[p], ad);
+                    acc[p][c] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes), acc[p][c]);
+                }
+            }
+        }
+        for c in 0..C {
+            let sm: [f32; 4] = std::mem::transmute(summs[c]);
+            for p in 0..2 {
+                let lo = _mm512_castps512_ps256(acc[p][c]);
+                let hi = _mm512_extractf32x8_ps(acc[p][c], 1);
+                for (r, half) in [(2 * p, lo), (2 * p + 1, hi)] {
+                    out[r][c] = if W::HAS_MIN {
+                        hsum8(half) + sm[r]
+                    } else {
+                        hsum8(half)
+                    };
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    pub unsafe fn tile_vnni512<W: WeightBlock, A: ActBlock>(
+        w: [&[W]; 4],
+        a: &[&[A]],
+        out: &mut TileOut,
+    ) {
+        match a.len() {
+            1 => tile512::<W, A, 1>(w, [a[0]], out),
+            2 => tile512::<W, A, 2>(w, [a[0], a[1]], out),
+            3 => tile512::<W, A, 3>(w, [a[0], a[1], a[2]], out),
+            _ => tile512::<W, A, 4>(w, [a[0], a[1], a[2], a[3]], out),
+        }
+    }
+
     macro_rules! entry {
         ($name:ident, $p:ty, $features:literal) => {
             #[target_feature(enable = $features)]
@@ -213,7 +337,7 @@ mod x86 {
         };
     }
     entry!(tile_avx2, Avx2, "avx2,fma,f16c");
-    entry!(tile_vnni, Vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
+    entry!(tile_avxvnni, AvxVnni, "avx2,fma,f16c,avxvnni");
 }
 
 macro_rules! tile_fn {
@@ -232,7 +356,10 @@ macro_rules! tile_fn {
             {
                 // SAFETY: the features were detected; lengths were checked above.
                 if has_vnni() {
-                    return unsafe { x86::tile_vnni(w, a, out) };
+                    return unsafe { x86::tile_vnni512(w, a, out) };
+                }
+                if has_avx_vnni() {
+                    return unsafe { x86::tile_avxvnni(w, a, out) };
                 }
                 if crate::has_avx2() {
                     return unsafe { x86::tile_avx2(w, a, out) };
@@ -292,6 +419,62 @@ mod tests {
             .collect()
     }
 
+    /// The tile implementations this CPU can run.
+    fn isas() -> Vec<&'static str> {
+        let mut v = vec!["dispatch"];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |f: &[bool]| f.iter().all(|&x| x);
+            use std::arch::is_x86_feature_detected as d;
+            if has(&[d!("avx2"), d!("fma"), d!("f16c")]) {
+                v.push("avx2");
+                if d!("avxvnni") {
+                    v.push("avxvnni");
+                }
+                if has(&[
+                    d!("avx512f"),
+                    d!("avx512bw"),
+                    d!("avx512dq"),
+                    d!("avx512vl"),
+                    d!("avx512vnni"),
+                ]) {
+                    v.push("vnni512");
+                }
+            }
+        }
+        v
+    }
+
+    macro_rules! check {
+        ($isa:expr, $public:ident, $reference:path, $w:expr, $a:expr, $nb:expr, $what:literal) => {{
+            let (w, a, nb) = ($w, $a, $nb);
+            let rows: [&[_]; 4] = std::array::from_fn(|r| &w[r * nb..(r + 1) * nb]);
+            let mut out = [[0f32; 4]; 4];
+            match $isa {
+                "dispatch" => $public(rows, a, &mut out),
+                #[cfg(target_arch = "x86_64")]
+                "avx2" => unsafe { x86::tile_avx2(rows, a, &mut out) },
+                #[cfg(target_arch = "x86_64")]
+                "avxvnni" => unsafe { x86::tile_avxvnni(rows, a, &mut out) },
+                #[cfg(target_arch = "x86_64")]
+                "vnni512" => unsafe { x86::tile_vnni512(rows, a, &mut out) },
+                other => unreachable!("{other}"),
+            }
+            for r in 0..4 {
+                for c in 0..a.len() {
+                    let want = $reference(rows[r], a[c]);
+                    assert_eq!(
+                        out[r][c].to_bits(),
+                        want.to_bits(),
+                        "{} {} nb {nb} r {r} c {c}",
+                        $isa,
+                        $what
+                    );
+                }
+            }
+        }};
+    }
+
     #[test]
     fn tiles_equal_the_dot_products_bit_for_bit() {
         let mut next = rng(7);
@@ -313,7 +496,8 @@ mod tests {
             let w80: Vec<BlockQ8_0> = (0..4 * nb)
                 .map(|_| BlockQ8_0 {
                     d: f16::from_f32((next() % 1000) as f32 / 1e4),
-                    qs: std::array::from_fn(|_| (next() % 255) as i8 - 127),
+                    // -128 too: the sign trick must behave as psignb does.
+                    qs: std::array::from_fn(|_| next() as u8 as i8),
                 })
                 .collect();
             let x = acts(4, k, &mut next);
@@ -323,45 +507,39 @@ mod tests {
                 quantize_row_q8_1(&x[i * k..(i + 1) * k], &mut a1[i * nb..(i + 1) * nb]);
                 quantize_row_q8_0(&x[i * k..(i + 1) * k], &mut a0[i * nb..(i + 1) * nb]);
             }
-            fn rows<T>(v: &[T], nb: usize) -> [&[T]; 4] {
-                std::array::from_fn(|r| &v[r * nb..(r + 1) * nb])
-            }
-            for cols in 1..=4 {
-                let ar1: Vec<&[BlockQ8_1]> = (0..cols).map(|c| &a1[c * nb..(c + 1) * nb]).collect();
-                let ar0: Vec<&[BlockQ8_0]> = (0..cols).map(|c| &a0[c * nb..(c + 1) * nb]).collect();
-                let mut out = [[0f32; 4]; 4];
-                tile_q4_1(rows(&w41, nb), &ar1, &mut out);
-                for r in 0..4 {
-                    for c in 0..cols {
-                        let want = dot::dot_q4_1_q8_1_ref(&w41[r * nb..(r + 1) * nb], ar1[c]);
-                        assert_eq!(
-                            out[r][c].to_bits(),
-                            want.to_bits(),
-                            "q4_1 nb {nb} r {r} c {c}"
-                        );
-                    }
-                }
-                tile_q4_0(rows(&w40, nb), &ar0, &mut out);
-                for r in 0..4 {
-                    for c in 0..cols {
-                        let want = dot::dot_q4_0_q8_0_ref(&w40[r * nb..(r + 1) * nb], ar0[c]);
-                        assert_eq!(
-                            out[r][c].to_bits(),
-                            want.to_bits(),
-                            "q4_0 nb {nb} r {r} c {c}"
-                        );
-                    }
-                }
-                tile_q8_0(rows(&w80, nb), &ar0, &mut out);
-                for r in 0..4 {
-                    for c in 0..cols {
-                        let want = dot::dot_q8_0_q8_0_ref(&w80[r * nb..(r + 1) * nb], ar0[c]);
-                        assert_eq!(
-                            out[r][c].to_bits(),
-                            want.to_bits(),
-                            "q8_0 nb {nb} r {r} c {c}"
-                        );
-                    }
+            for isa in isas() {
+                for cols in 1..=4 {
+                    let ar1: Vec<&[BlockQ8_1]> =
+                        (0..cols).map(|c| &a1[c * nb..(c + 1) * nb]).collect();
+                    let ar0: Vec<&[BlockQ8_0]> =
+                        (0..cols).map(|c| &a0[c * nb..(c + 1) * nb]).collect();
+                    check!(
+                        isa,
+                        tile_q4_1,
+                        dot::dot_q4_1_q8_1_ref,
+                        &w41,
+                        &ar1[..],
+                        nb,
+                        "q4_1"
+                    );
+                    check!(
+                        isa,
+                        tile_q4_0,
+                        dot::dot_q4_0_q8_0_ref,
+                        &w40,
+                        &ar0[..],
+                        nb,
+                        "q4_0"
+                    );
+                    check!(
+                        isa,
+                        tile_q8_0,
+                        dot::dot_q8_0_q8_0_ref,
+                        &w80,
+                        &ar0[..],
+                        nb,
+                        "q8_0"
+                    );
                 }
             }
         }
