@@ -291,9 +291,9 @@ mod x86 {
         }
         for c in 0..C {
             let sm: [f32; 4] = std::mem::transmute(summs[c]);
-            for p in 0..2 {
-                let lo = _mm512_castps512_ps256(acc[p][c]);
-                let hi = _mm512_extractf32x8_ps(acc[p][c], 1);
+            for (p, pair) in acc.iter().enumerate() {
+                let lo = _mm512_castps512_ps256(pair[c]);
+                let hi = _mm512_extractf32x8_ps(pair[c], 1);
                 for (r, half) in [(2 * p, lo), (2 * p + 1, hi)] {
                     out[r][c] = if W::HAS_MIN {
                         hsum8(half) + sm[r]
