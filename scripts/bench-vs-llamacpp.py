@@ -7,7 +7,12 @@ context; tgN = N single-token decode steps from an empty context. Prints a markd
 table with mean ± sd per side and the per-repetition ratio hearth/llama.cpp
 (min / median / max).
 
-Usage: scripts/bench-vs-llamacpp [-m MODEL] [-p 512] [-n 128] [-r 5] [-t 2]
+With -b B (default 16), also batched generation: B sequences decoding together, N steps
+of one token each from empty contexts, aggregate tokens/s. Ours: `hearth bench -b B`
+(one batched forward pass per step); theirs: llama.cpp's batch API (one `llama_decode`
+of B tokens with B sequence ids per step, through llama-cpp-python's bindings).
+
+Usage: scripts/bench-vs-llamacpp [-m MODEL] [-p 512] [-n 128] [-b 16] [-r 5] [-t 2]
 """
 import argparse
 import json
@@ -18,6 +23,7 @@ import statistics
 import subprocess
 import time
 
+import llama_cpp
 from llama_cpp import Llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def hearth_once(args):
     out = subprocess.run(
         [args.hearth, "bench", "-m", args.model, "-p", str(args.p), "-n", str(args.n),
-         "-r", "1", "-t", str(args.t), "-o", "json"],
+         "-b", str(args.b), "-r", "1", "-t", str(args.t), "-o", "json"],
         check=True, capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
     return {r["test"]: r["mean_tps"] for r in rows}
@@ -46,7 +52,41 @@ def llama_once(llm, args, rng):
     for tok in toks:
         llm.eval([tok])
     res[f"tg{args.n}"] = args.n / (time.perf_counter() - t)
+    if args.b > 0:
+        res[f"tg{args.n} b{args.b}"] = llama_batched(llm, args, rng)
     return res
+
+
+def llama_batched(llm, args, rng):
+    """B sequences, N decode steps of one token each, one llama_decode per step."""
+    b, n = args.b, args.n
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx = (b * (n + 16) + 255) // 256 * 256
+    p.n_batch = max(b, 512)
+    p.n_ubatch = max(b, 512)
+    p.n_seq_max = b
+    p.n_threads = args.t
+    p.n_threads_batch = args.t
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
+    batch = llama_cpp.llama_batch_init(b, 0, 1)
+    vocab = llm.n_vocab()
+    steps = [[rng.randrange(vocab) for _ in range(b)] for _ in range(n)]
+    try:
+        t = time.perf_counter()
+        for pos, toks in enumerate(steps):
+            batch.n_tokens = b
+            for s, tok in enumerate(toks):
+                batch.token[s] = tok
+                batch.pos[s] = pos
+                batch.n_seq_id[s] = 1
+                batch.seq_id[s][0] = s
+                batch.logits[s] = 1
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+        return b * n / (time.perf_counter() - t)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
 
 
 def cpu_model():
@@ -65,6 +105,7 @@ def main():
     ap.add_argument("-m", "--model", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-b", type=int, default=16)
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("-t", type=int, default=2)
     ap.add_argument("--hearth", default=os.path.join(ROOT, "target", "release", "hearth"))
@@ -84,13 +125,21 @@ def main():
     print()
     print("| test | hearth t/s | llama.cpp t/s | ratio min | ratio median | ratio max |")
     print("| ---- | ---------: | ------------: | --------: | -----------: | --------: |")
-    for test in [f"pp{args.p}", f"tg{args.n}"]:
+    tests = [f"pp{args.p}", f"tg{args.n}"] + ([f"tg{args.n} b{args.b}"] if args.b > 0 else [])
+    for test in tests:
         a = [o[test] for o in ours]
         b = [t[test] for t in theirs]
         ratios = sorted(x / y for x, y in zip(a, b))
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
         print(f"| {test} | {statistics.mean(a):.1f} ± {sd(a):.1f} | {statistics.mean(b):.1f} ± {sd(b):.1f} "
               f"| {ratios[0]:.2f} | {statistics.median(ratios):.2f} | {ratios[-1]:.2f} |")
+    if args.b > 0:
+        single = statistics.mean(o[f"tg{args.n}"] for o in ours)
+        batched = statistics.mean(o[f"tg{args.n} b{args.b}"] for o in ours)
+        single_l = statistics.mean(t[f"tg{args.n}"] for t in theirs)
+        batched_l = statistics.mean(t[f"tg{args.n} b{args.b}"] for t in theirs)
+        print()
+        print(f"batched / single stream: hearth {batched / single:.2f}x, llama.cpp {batched_l / single_l:.2f}x")
 
 
 if __name__ == "__main__":
