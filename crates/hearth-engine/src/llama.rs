@@ -79,6 +79,67 @@ impl Linear {
     }
 }
 
+/// Projections of the same input (q, k, v; gate, up). On the CPU, when they share a
+/// format our kernels take, they are one matrix — rows stacked — so the input is quantized
+/// once and the step has one parallel matmul instead of N; each output element is the same
+/// dot product as with separate matrices.
+enum Fused<const N: usize> {
+    Stacked(QMatrix, [usize; N]),
+    Separate([Linear; N]),
+}
+
+impl<const N: usize> Fused<N> {
+    fn forward_host(&self, x: &[f32], m: usize) -> Result<[Vec<f32>; N], EngineError> {
+        match self {
+            Fused::Stacked(w, rows) => {
+                let total = w.rows();
+                let mut all = vec![0f32; m * total];
+                w.matmul(x, &mut all);
+                let mut starts = [0usize; N];
+                for i in 1..N {
+                    starts[i] = starts[i - 1] + rows[i - 1];
+                }
+                Ok(std::array::from_fn(|p| {
+                    let mut out = Vec::with_capacity(m * rows[p]);
+                    for row in all.chunks_exact(total) {
+                        out.extend_from_slice(&row[starts[p]..starts[p] + rows[p]]);
+                    }
+                    out
+                }))
+            }
+            Fused::Separate(ws) => {
+                let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+                for (o, w) in out.iter_mut().zip(ws) {
+                    *o = w.forward_host(x, m)?;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<[Tensor; N], EngineError> {
+        match self {
+            Fused::Stacked(_, rows) => {
+                let (m, _) = x.dims2()?;
+                let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let parts = self.forward_host(&xs, m)?;
+                let mut out = Vec::with_capacity(N);
+                for (p, &n) in parts.into_iter().zip(rows) {
+                    out.push(Tensor::from_vec(p, (m, n), x.device())?);
+                }
+                Ok(out.try_into().unwrap_or_else(|_| unreachable!("N parts")))
+            }
+            Fused::Separate(ws) => {
+                let mut out = Vec::with_capacity(N);
+                for w in ws {
+                    out.push(w.forward(x)?);
+                }
+                Ok(out.try_into().unwrap_or_else(|_| unreachable!("N parts")))
+            }
+        }
+    }
+}
+
 fn candle_dtype(t: GgmlType) -> GgmlDType {
     match t {
         GgmlType::F32 => GgmlDType::F32,
@@ -142,6 +203,42 @@ impl Loader<'_> {
         Ok(Linear::Candle(QMatMul::from_arc(t.clone())?, t))
     }
 
+    /// Projections of one input, stacked into one matrix when our kernels take them all.
+    fn fused<const N: usize>(&self, names: [String; N]) -> Result<Fused<N>, EngineError> {
+        let infos = names
+            .iter()
+            .map(|n| self.info(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let format = match infos[0].dtype {
+            GgmlType::Q4_0 => Some(QFormat::Q4_0),
+            GgmlType::Q4_1 => Some(QFormat::Q4_1),
+            GgmlType::Q8_0 => Some(QFormat::Q8_0),
+            _ => None,
+        };
+        let k = infos[0].dims.first().copied();
+        let stackable = self.device.is_cpu()
+            && infos.iter().all(|i| {
+                i.dtype == infos[0].dtype && i.dims.len() == 2 && i.dims.first().copied() == k
+            });
+        if let (Some(format), true, Some(k)) = (format, stackable, k) {
+            let rows: [usize; N] = std::array::from_fn(|i| infos[i].dims[1]);
+            let mut bytes = Vec::new();
+            for i in &infos {
+                bytes.extend_from_slice(self.file.tensor_data(i));
+            }
+            let w = QMatrix::from_bytes(format, &bytes, rows.iter().sum(), k)
+                .map_err(|e| EngineError::Load(format!("tensors {names:?}: {e}")))?;
+            return Ok(Fused::Stacked(w, rows));
+        }
+        let mut linears = Vec::with_capacity(N);
+        for n in &names {
+            linears.push(self.linear(n)?);
+        }
+        Ok(Fused::Separate(
+            linears.try_into().unwrap_or_else(|_| unreachable!("N names")),
+        ))
+    }
+
     /// A small tensor (norm weights, rope factors) dequantized to f32.
     fn norm(&self, name: &str) -> Result<Norm, EngineError> {
         let tensor = self
@@ -161,13 +258,12 @@ struct Norm {
 
 struct Block {
     attn_norm: Norm,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k, v.
+    qkv: Fused<3>,
     wo: Linear,
     ffn_norm: Norm,
-    w_gate: Linear,
-    w_up: Linear,
+    /// gate, up.
+    gate_up: Fused<2>,
     w_down: Linear,
 }
 
@@ -210,13 +306,10 @@ impl Llama {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
             blocks.push(Block {
                 attn_norm: l.norm(&p("attn_norm"))?,
-                wq: l.linear(&p("attn_q"))?,
-                wk: l.linear(&p("attn_k"))?,
-                wv: l.linear(&p("attn_v"))?,
+                qkv: l.fused([p("attn_q"), p("attn_k"), p("attn_v")])?,
                 wo: l.linear(&p("attn_output"))?,
                 ffn_norm: l.norm(&p("ffn_norm"))?,
-                w_gate: l.linear(&p("ffn_gate"))?,
-                w_up: l.linear(&p("ffn_up"))?,
+                gate_up: l.fused([p("ffn_gate"), p("ffn_up")])?,
                 w_down: l.linear(&p("ffn_down"))?,
             });
         }
@@ -391,9 +484,7 @@ impl Llama {
         let mut att = vec![0f32; rows * qw];
         for (layer, b) in self.blocks.iter().enumerate() {
             rms_norm(&x, &b.attn_norm.host, c.rms_norm_eps, &mut normed);
-            let mut q = b.wq.forward_host(&normed, rows)?;
-            let mut k = b.wk.forward_host(&normed, rows)?;
-            let v = b.wv.forward_host(&normed, rows)?;
+            let [mut q, mut k, v] = b.qkv.forward_host(&normed, rows)?;
             for ((item, rope), &start) in items.iter_mut().zip(ropes).zip(&starts) {
                 let seq = item.tokens.len();
                 let pos = item.table.len();
@@ -422,8 +513,7 @@ impl Llama {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             rms_norm(&x, &b.ffn_norm.host, c.rms_norm_eps, &mut normed);
-            let mut gate = b.w_gate.forward_host(&normed, rows)?;
-            let up = b.w_up.forward_host(&normed, rows)?;
+            let [mut gate, up] = b.gate_up.forward_host(&normed, rows)?;
             swiglu_in_place(&mut gate, &up);
             let down = b.w_down.forward_host(&gate, rows)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
@@ -466,9 +556,9 @@ impl Llama {
         };
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm.tensor, eps)?;
-            let q = self.rope_device(&b.wq.forward(&h)?, nh, rope)?;
-            let k = self.rope_device(&b.wk.forward(&h)?, nkv, rope)?;
-            let v = b.wv.forward(&h)?;
+            let [q, k, v] = b.qkv.forward(&h)?;
+            let q = self.rope_device(&q, nh, rope)?;
+            let k = self.rope_device(&k, nkv, rope)?;
             // (seq, heads*hd) -> (heads, seq, hd)
             let heads_first = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
                 t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()
@@ -498,8 +588,8 @@ impl Llama {
             x = (x + b.wo.forward(&out)?)?;
 
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm.tensor, eps)?;
-            let gate = candle_nn::ops::silu(&b.w_gate.forward(&h)?)?;
-            let up = b.w_up.forward(&h)?;
+            let [gate, up] = b.gate_up.forward(&h)?;
+            let gate = candle_nn::ops::silu(&gate)?;
             x = (x + b.w_down.forward(&(gate * up)?)?)?;
         }
         let last = x.narrow(0, seq - 1, 1)?;
