@@ -235,7 +235,9 @@ impl Loader<'_> {
             linears.push(self.linear(n)?);
         }
         Ok(Fused::Separate(
-            linears.try_into().unwrap_or_else(|_| unreachable!("N names")),
+            linears
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("N names")),
         ))
     }
 

@@ -168,19 +168,43 @@ impl Sampler {
         if p.is_greedy() {
             return argmax(logits);
         }
+        // Only candidates that can survive min-p are kept: p_i >= min_p * p_max means
+        // l_i >= l_max + T ln(min_p). (Cheap, and it spares sorting the whole vocabulary.)
+        let max_logit = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let floor = if p.min_p > 0.0 {
+            max_logit + p.temperature * p.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        };
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .filter(|(_, l)| l.is_finite() || **l == f32::INFINITY)
+            .filter(|(_, l)| (l.is_finite() || **l == f32::INFINITY) && **l >= floor)
             .map(|(i, &l)| (i as u32, l / p.temperature))
             .collect();
         if cand.is_empty() {
             return argmax(logits);
         }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Plain temperature: draw from the whole distribution, no order needed.
+            let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+            let probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+            let mut r = self.rng.next_f64() * probs.iter().sum::<f64>();
+            for (c, pr) in cand.iter().zip(&probs) {
+                if r < *pr {
+                    return c.0;
+                }
+                r -= pr;
+            }
+            return cand[cand.len() - 1].0;
+        }
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
+            // Most likely first: select the top k, then sort only those.
+            cand.select_nth_unstable_by(p.top_k - 1, order);
             cand.truncate(p.top_k);
         }
+        cand.sort_unstable_by(order);
         // Softmax over the survivors.
         let max = cand[0].1;
         let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
@@ -288,6 +312,32 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &[]), 1);
+    }
+
+    #[test]
+    fn draws_follow_the_distribution() {
+        // p = 1/6, 2/6, 3/6 at temperature 1; top-k 2 keeps 2/5, 3/5; min-p 0.5 keeps the
+        // tokens with at least half the top probability (2/5, 3/5 again).
+        let logits = [0f32, 2f32.ln(), 3f32.ln()];
+        let freq = |f: fn(&mut SamplingParams)| {
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = 1.0;
+                p.seed = 3;
+                f(p)
+            }));
+            let mut n = [0usize; 3];
+            for _ in 0..60_000 {
+                n[s.sample(&mut logits.clone(), &[]) as usize] += 1;
+            }
+            n.map(|c| c as f64 / 60_000.0)
+        };
+        let close = |a: [f64; 3], b: [f64; 3]| a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 0.01);
+        let plain = freq(|_| {});
+        assert!(close(plain, [1.0 / 6.0, 2.0 / 6.0, 0.5]), "{plain:?}");
+        let top_k = freq(|p| p.top_k = 2);
+        assert!(close(top_k, [0.0, 0.4, 0.6]), "{top_k:?}");
+        let min_p = freq(|p| p.min_p = 0.5);
+        assert!(close(min_p, [0.0, 0.4, 0.6]), "{min_p:?}");
     }
 
     #[test]
