@@ -129,6 +129,16 @@ impl Server {
             .collect()
     }
 
+    /// Starts a streaming chat that runs to `max_tokens` (`ignore_eos`); its events.
+    fn long_stream(&self, content: &str, max_tokens: u64) -> http_client::Events {
+        let mut body = chat(content, max_tokens);
+        body["ignore_eos"] = json!(true);
+        body["stream"] = json!(true);
+        let body = body.to_string();
+        self.request("POST", "/v1/chat/completions", Some(&body), None)
+            .events()
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
         text.lines()
@@ -554,16 +564,7 @@ fn sixteen_concurrent_requests_get_their_solo_answers() {
 #[test]
 fn a_client_that_leaves_frees_its_sequence() {
     let s = Server::start(&[]);
-    let mut body = chat("Tell me a very long story.", 2000);
-    body["ignore_eos"] = json!(true);
-    body["stream"] = json!(true);
-    let r = s.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-        None,
-    );
-    let mut events = r.events();
+    let mut events = s.long_stream("Tell me a very long story.", 2000);
     for _ in 0..3 {
         events.next_data().unwrap().unwrap();
     }
@@ -587,16 +588,7 @@ fn a_client_that_leaves_frees_its_sequence() {
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let mut s = Server::start(&[]);
-    let mut body = chat("Count from one to fifty.", 60);
-    body["ignore_eos"] = json!(true);
-    body["stream"] = json!(true);
-    let r = s.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-        None,
-    );
-    let mut events = r.events();
+    let mut events = s.long_stream("Count from one to fifty.", 60);
     events.next_data().unwrap().unwrap();
     let pid = s.child.id().to_string();
     assert!(Command::new("kill")

@@ -98,16 +98,26 @@ struct PromptJob {
     echo: Option<String>,
 }
 
+/// What both generation endpoints do first: the common fields, the model check, the
+/// engine (or 503).
+fn begin<'s>(
+    state: &'s AppState,
+    body: &Value,
+    endpoint: &str,
+) -> Result<(CommonFields, &'s Engine), ApiError> {
+    let common = CommonFields::parse(body)?;
+    check_model(state, &common)?;
+    tracing::debug!(user = common.user.as_deref(), endpoint, "request");
+    Ok((common, engine(state)?))
+}
+
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let common = CommonFields::parse(&body)?;
-    check_model(&state, &common)?;
-    tracing::debug!(user = common.user.as_deref(), "chat completion");
+    let (common, engine) = begin(&state, &body, "chat/completions")?;
     let chat = ChatFields::parse(&body)?;
-    let engine = engine(&state)?;
     let info = &engine.model.info;
     let gen = common.generation(chat.logprobs()?, info.config.vocab_size)?;
     let messages = chat.messages()?;
@@ -138,11 +148,8 @@ pub async fn completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let common = CommonFields::parse(&body)?;
-    check_model(&state, &common)?;
-    tracing::debug!(user = common.user.as_deref(), "completion");
+    let (common, engine) = begin(&state, &body, "completions")?;
     let fields = CompletionFields::parse(&body)?;
-    let engine = engine(&state)?;
     let info = &engine.model.info;
     let gen = common.generation(fields.logprobs()?, info.config.vocab_size)?;
     if let Some(b) = fields.best_of {
