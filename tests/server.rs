@@ -314,7 +314,8 @@ fn completions_stop_sequences_n_logprobs_and_echo() {
     assert_eq!(finish, "stop");
 
     // n choices with a seed: reproducible, indexed, usage summed.
-    let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 3});
+    let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 3,
+                      "ignore_eos": true});
     let (_, a) = s.post("/v1/completions", &body);
     let (_, b) = s.post("/v1/completions", &body);
     assert_eq!(a["choices"].as_array().unwrap().len(), 3);
