@@ -253,6 +253,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     on_bound(listener.local_addr()?);
+    // Each streamed token goes out at once, not held back by Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     let app = router(state.clone());
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
     let drain_state = state.clone();
