@@ -606,3 +606,61 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let status = s.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn shutdown_cancels_what_outlives_the_grace_period() {
+    let mut s = Server::start(&["--shutdown-timeout", "1"]);
+    let mut events = s.long_stream("Tell me a very long story.", 5000);
+    events.next_data().unwrap().unwrap();
+    let pid = s.child.id().to_string();
+    let start = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = s.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "exit took {waited:?} with a 1 s grace period"
+    );
+}
+
+#[test]
+fn a_small_kv_cache_preempts_instead_of_failing() {
+    // 3 MiB of KV cache: 8 blocks of 16 tokens for this model; four requests of ~40
+    // prompt + 40 generated tokens need 20.
+    let s = Server::start(&["--kv-cache-mb", "3"]);
+    let bodies: Vec<Value> = (0..4)
+        .map(|i| {
+            let mut b = chat(&format!("Story {i}: tell me about a fox."), 40);
+            b["ignore_eos"] = json!(true);
+            b
+        })
+        .collect();
+    let results: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|b| sc.spawn(|| s.post("/v1/chat/completions", b)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (status, v) in &results {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 40);
+    }
+    assert!(s.metric("hearth_preemptions_total") > 0.0);
+    assert_eq!(s.metric("hearth_kv_cache_blocks_total"), 8.0);
+    // A prompt that cannot fit the whole cache is a 400 that says why.
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "hearth ".repeat(200), "max_tokens": 1}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("KV cache"),
+        "{v}"
+    );
+}

@@ -1,5 +1,6 @@
-//! One request through the scheduler vs `LoadedModel::generate`, same prompt and length:
-//! `cargo run --release -p hearth-engine --example sched_timing -- MODEL.gguf`.
+//! One request of 128 tokens through the scheduler (no HTTP), to compare with `hearth bench`
+//! (tg128) and with a served stream: `cargo run --release -p hearth-engine --example
+//! sched_timing -- MODEL.gguf`.
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,22 +25,6 @@ fn main() {
         .encode("Tell me a long story about hearths.", true)
         .unwrap();
     let n = 128;
-    for _ in 0..2 {
-        let t = Instant::now();
-        let mut count = 0;
-        pool.install(|| {
-            model
-                .generate(&prompt, SamplingParams::default(), n, |_| {
-                    count += 1;
-                    true
-                })
-                .unwrap()
-        });
-        println!(
-            "generate:  {:.1} t/s ({count} tokens)",
-            count as f64 / t.elapsed().as_secs_f64()
-        );
-    }
     let (handle, _t) = spawn(model.clone(), SchedulerConfig::default(), pool.clone()).unwrap();
     for _ in 0..2 {
         let t = Instant::now();
