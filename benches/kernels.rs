@@ -1,5 +1,7 @@
 //! Criterion benchmarks of the CPU kernels on the default model's shapes:
-//! `cargo bench --bench kernels` (one thread: `RAYON_NUM_THREADS=1`).
+//! `cargo bench --bench kernels` (threads: `RAYON_NUM_THREADS`, default all cores).
+//! Each measurement runs on a rayon pool worker, as the engine calls the kernels, so a
+//! parallel loop finds its helpers awake instead of waking them from outside.
 //! Compare runs on the same machine, not across days: these machines are shared.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -7,6 +9,11 @@ use hearth_kernels::attention::{attend, AttentionShape, KvView};
 use hearth_kernels::blocks::BlockQ8_1;
 use hearth_kernels::matmul::{QFormat, QMatrix};
 use hearth_kernels::quantize::quantize_row_q8_1;
+
+/// Runs `f` on a worker of rayon's global pool.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
 
 /// A Q4_1 matrix of plausible blocks (scales ~0.01, mins ~-0.05).
 fn q4_1(n: usize, k: usize) -> QMatrix {
@@ -33,7 +40,7 @@ fn matmul(c: &mut Criterion) {
             let mut out = vec![0f32; m * n];
             g.throughput(Throughput::Elements((m * n * k) as u64));
             g.bench_with_input(BenchmarkId::new("rows", m), &m, |b, _| {
-                b.iter(|| w.matmul(&x, &mut out))
+                on_pool(|| b.iter(|| w.matmul(&x, &mut out)))
             });
         }
         g.finish();
@@ -68,7 +75,9 @@ fn attention(c: &mut Criterion) {
             .map(|i| half::f16::from_f32(((i * 7 % 97) as f32 - 48.0) / 64.0))
             .collect();
         let v = k.clone();
-        let q: Vec<f32> = (0..s.heads * s.head_dim).map(|i| (i as f32).sin()).collect();
+        let q: Vec<f32> = (0..s.heads * s.head_dim)
+            .map(|i| (i as f32).sin())
+            .collect();
         let mut out = vec![0f32; q.len()];
         let kv = KvView {
             k: &k,
@@ -78,7 +87,7 @@ fn attention(c: &mut Criterion) {
         };
         g.throughput(Throughput::Elements((pos + 1) as u64));
         g.bench_with_input(BenchmarkId::new("context", pos + 1), &pos, |b, &pos| {
-            b.iter(|| attend(&q, 1, pos, kv, s, 0.125, &mut out))
+            on_pool(|| b.iter(|| attend(&q, 1, pos, kv, s, 0.125, &mut out)))
         });
     }
     g.finish();
