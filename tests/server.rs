@@ -584,6 +584,28 @@ fn a_client_that_leaves_frees_its_sequence() {
     }
     let generated = s.metric("hearth_generation_tokens_total");
     assert!(generated < 2000.0, "{generated}");
+
+    // The same for a non-streamed request whose client gives up waiting.
+    let mut body = chat("Tell me a very long story.", 3000);
+    body["ignore_eos"] = json!(true);
+    let gave_up = http_client::send(
+        &s.authority,
+        "POST",
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json")],
+        Some(body.to_string().as_bytes()),
+        Duration::from_millis(500),
+    );
+    assert!(gave_up.is_err(), "3000 tokens cannot come back in 0.5 s");
+    let start = Instant::now();
+    while s.metric("hearth_running_sequences") != 0.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the abandoned request was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.metric("hearth_kv_cache_blocks_used"), 0.0);
 }
 
 #[test]
