@@ -51,14 +51,6 @@ impl ServeArgs {
     }
 }
 
-/// Physical memory in bytes (Linux); `None` elsewhere.
-fn total_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// Blocks in the KV pool, from `--kv-cache-mb` or the default rule.
 fn kv_blocks(args: &ServeArgs, model: &LoadedModel) -> anyhow::Result<usize> {
     let block = model.model.kv_block_bytes();
@@ -75,7 +67,8 @@ fn kv_blocks(args: &ServeArgs, model: &LoadedModel) -> anyhow::Result<usize> {
             blocks
         }
         None => {
-            let quarter = total_memory().unwrap_or(4 << 30) / 4;
+            let quarter =
+                hearth_server::proc_bytes("/proc/meminfo", "MemTotal").unwrap_or(4 << 30) / 4;
             (quarter as usize / block).clamp(1, full.max(1))
         }
     };

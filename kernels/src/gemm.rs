@@ -28,7 +28,7 @@ pub fn has_avx_vnni() -> bool {
         static VNNI: OnceLock<bool> = OnceLock::new();
         *VNNI.get_or_init(|| {
             crate::has_avx2()
-                && std::env::var_os("HEARTH_NO_VNNI").is_none_or(|v| v.is_empty() || v == "0")
+                && !crate::switched_off("HEARTH_NO_VNNI")
                 && std::is_x86_feature_detected!("avxvnni")
         })
     }
@@ -47,8 +47,8 @@ pub fn has_vnni() -> bool {
         static VNNI: OnceLock<bool> = OnceLock::new();
         *VNNI.get_or_init(|| {
             crate::has_avx2()
-                && std::env::var_os("HEARTH_NO_VNNI").is_none_or(|v| v.is_empty() || v == "0")
-                && std::env::var_os("HEARTH_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
+                && !crate::switched_off("HEARTH_NO_VNNI")
+                && !crate::switched_off("HEARTH_NO_AVX512")
                 && std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512dq")

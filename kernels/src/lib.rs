@@ -48,6 +48,11 @@ pub mod rope;
 pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
 pub use matmul::{QMatrix, QMatrixError};
 
+/// Whether the switch `HEARTH_NO_<name>` (set, non-empty, not `0`) turns a path off.
+pub(crate) fn switched_off(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Whether the AVX2+FMA+F16C paths are usable on this CPU (checked once at run time, so one
 /// portable binary runs everywhere).
 #[inline]
@@ -57,7 +62,7 @@ pub fn has_avx2() -> bool {
         use std::sync::OnceLock;
         static AVX2: OnceLock<bool> = OnceLock::new();
         *AVX2.get_or_init(|| {
-            std::env::var_os("HEARTH_NO_SIMD").is_none_or(|v| v.is_empty() || v == "0")
+            !switched_off("HEARTH_NO_SIMD")
                 && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
                 && std::is_x86_feature_detected!("f16c")

@@ -160,6 +160,16 @@ fn candle_dtype(t: GgmlType) -> GgmlDType {
     }
 }
 
+/// The weight formats our own CPU kernels take.
+fn native_format(t: GgmlType) -> Option<QFormat> {
+    match t {
+        GgmlType::Q4_0 => Some(QFormat::Q4_0),
+        GgmlType::Q4_1 => Some(QFormat::Q4_1),
+        GgmlType::Q8_0 => Some(QFormat::Q8_0),
+        _ => None,
+    }
+}
+
 /// Reads named tensors out of a GGUF file onto a device.
 struct Loader<'a> {
     file: &'a GgufFile,
@@ -188,12 +198,7 @@ impl Loader<'_> {
 
     fn linear(&self, name: &str) -> Result<Linear, EngineError> {
         let info = self.info(name)?;
-        let format = match info.dtype {
-            GgmlType::Q4_0 => Some(QFormat::Q4_0),
-            GgmlType::Q4_1 => Some(QFormat::Q4_1),
-            GgmlType::Q8_0 => Some(QFormat::Q8_0),
-            _ => None,
-        };
+        let format = native_format(info.dtype);
         if let (Some(format), true, &[k, n]) = (format, self.device.is_cpu(), &info.dims[..]) {
             let w = QMatrix::from_bytes(format, self.file.tensor_data(info), n, k)
                 .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
@@ -209,12 +214,7 @@ impl Loader<'_> {
             .iter()
             .map(|n| self.info(n))
             .collect::<Result<Vec<_>, _>>()?;
-        let format = match infos[0].dtype {
-            GgmlType::Q4_0 => Some(QFormat::Q4_0),
-            GgmlType::Q4_1 => Some(QFormat::Q4_1),
-            GgmlType::Q8_0 => Some(QFormat::Q8_0),
-            _ => None,
-        };
+        let format = native_format(infos[0].dtype);
         let k = infos[0].dims.first().copied();
         let stackable = self.device.is_cpu()
             && infos.iter().all(|i| {

@@ -25,7 +25,7 @@ use axum::Router;
 use hearth_engine::{LoadedModel, SchedulerHandle};
 
 pub use error::ApiError;
-pub use metrics::resident_bytes;
+pub use metrics::proc_bytes;
 
 /// Fuzzing entry: runs request bytes through every parser and check a handler would,
 /// and the stop-sequence logic over the body's `"pieces"` (an array of strings). Must

@@ -82,12 +82,19 @@ impl Default for Metrics {
     }
 }
 
-/// Resident memory of this process, from /proc (Linux); `None` elsewhere.
-pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+/// A `Key:   N kB` line of a /proc file (Linux), in bytes; `None` elsewhere.
+pub fn proc_bytes(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Resident memory of this process.
+pub fn resident_bytes() -> Option<u64> {
+    proc_bytes("/proc/self/status", "VmRSS")
 }
 
 impl Metrics {
