@@ -311,3 +311,42 @@ fn bad_flags() {
     let o = hearth(&["run", "--device", "cuda:0", "hi"]);
     assert_clean_error(&o, &["cuda"]);
 }
+
+#[test]
+fn serve_and_its_load_generator_refuse_bad_settings_clearly() {
+    let o = hearth(&["serve", "--port", "0", "-m", "/nonexistent/model.gguf"]);
+    assert_clean_error(&o, &["/nonexistent/model.gguf"]);
+    let o = hearth(&["serve", "--port", "0", "--max-running", "0"]);
+    assert_clean_error(&o, &["--max-running"]);
+    // Found only once the model is loaded: still one clear line, exit 1.
+    let o = hearth(&["serve", "--port", "0", "--kv-cache-mb", "0"]);
+    assert_clean_error(&o, &["--kv-cache-mb 0", "KV block"]);
+    let o = hearth(&["serve", "--port", "0", "--api-key", " "]);
+    assert_clean_error(&o, &["empty --api-key"]);
+    // A port that is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let o = hearth(&["serve", "--port", &port]);
+    assert_clean_error(&o, &["cannot serve on", &port]);
+
+    let o = hearth(&["bench", "serve", "--url", "ftp://127.0.0.1:1"]);
+    assert_clean_error(&o, &["only http://"]);
+    let o = hearth(&[
+        "bench",
+        "serve",
+        "--url",
+        &format!("http://127.0.0.1:{port}"),
+        "--concurrency",
+        "0",
+    ]);
+    assert_clean_error(&o, &["--concurrency"]);
+    drop(taken);
+    // Nothing listens there any more.
+    let o = hearth(&[
+        "bench",
+        "serve",
+        "--url",
+        &format!("http://127.0.0.1:{port}"),
+    ]);
+    assert_clean_error(&o, &["cannot reach"]);
+}
