@@ -35,6 +35,7 @@ fn main() {
                 max_tokens: n,
                 logprobs: None,
                 ignore_eos: true,
+                constraint: None,
             })
             .unwrap();
         let mut count = 0;

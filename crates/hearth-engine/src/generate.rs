@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use hearth_models::GgufModel;
 
+use crate::constraint::{Constraint, Constraints, Grammar, GrammarError};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::llama::Llama;
 use crate::sampler::{Sampler, SamplingParams};
@@ -37,6 +38,8 @@ pub struct GenerationStats {
 pub struct LoadedModel {
     pub model: Llama,
     pub info: GgufModel,
+    /// Built on the first constrained request.
+    constraints: std::sync::OnceLock<Result<Constraints, GrammarError>>,
 }
 
 impl LoadedModel {
@@ -44,7 +47,19 @@ impl LoadedModel {
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, EngineError> {
         let info = GgufModel::open(path)?;
         let model = Llama::load(&info.file, &info.config, device)?;
-        Ok(Self { model, info })
+        Ok(Self {
+            model,
+            info,
+            constraints: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Compiles a grammar for this model's tokenizer, for [`crate::Request::constraint`].
+    pub fn constraint(&self, grammar: &Grammar) -> Result<Constraint, GrammarError> {
+        let c = self.constraints.get_or_init(|| {
+            Constraints::new(self.info.tokenizer.clone(), self.info.config.vocab_size)
+        });
+        c.as_ref().map_err(Clone::clone)?.compile(grammar)
     }
 
     pub fn context_length(&self) -> usize {

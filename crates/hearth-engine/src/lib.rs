@@ -1,7 +1,8 @@
 //! `hearth-engine` turns token ids into token ids: the model architectures on candle, the
-//! KV cache, and the sampler. It knows nothing of HTTP or JSON, and it never opens a
+//! KV cache, the sampler and constrained decoding. It knows nothing of HTTP or JSON, and it never opens a
 //! network connection; it reads weights only through `hearth-models`.
 
+pub mod constraint;
 pub mod device;
 pub mod generate;
 pub mod kv_cache;
@@ -9,6 +10,7 @@ pub mod llama;
 pub mod sampler;
 pub mod scheduler;
 
+pub use constraint::{Constraint, Constraints, Grammar, GrammarError};
 pub use device::parse_device;
 pub use generate::{FinishReason, GenerationStats, LoadedModel};
 pub use kv_cache::{BlockTable, KvCache, BLOCK_SIZE};

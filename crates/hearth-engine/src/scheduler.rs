@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::constraint::{Constraint, GrammarError, Mask};
 use crate::generate::{FinishReason, LoadedModel, PREFILL_CHUNK};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::llama::BatchItem;
@@ -43,6 +44,10 @@ pub struct Request {
     /// Generate past end-of-generation tokens (they are sent like any token), for
     /// benchmarks that need a fixed output length.
     pub ignore_eos: bool,
+    /// A grammar the output must match (see [`LoadedModel::constraint`]). The output
+    /// ends when the grammar is complete; end-of-sequence is allowed only where the
+    /// grammar could end.
+    pub constraint: Option<Constraint>,
 }
 
 /// Log-probabilities at one position.
@@ -222,6 +227,7 @@ struct Sequence {
     max_tokens: usize,
     logprobs: Option<usize>,
     ignore_eos: bool,
+    constraint: Option<Constraint>,
     events: UnboundedSender<Event>,
 }
 
@@ -363,6 +369,7 @@ impl Scheduler<'_> {
             max_tokens,
             logprobs: s.request.logprobs,
             ignore_eos: s.request.ignore_eos,
+            constraint: s.request.constraint,
             events: s.events,
         };
         if max_tokens == 0 || seq.events.is_closed() {
@@ -473,12 +480,17 @@ impl Scheduler<'_> {
             .iter()
             .map(|(i, r)| self.running[*i].tokens[r.clone()].to_vec())
             .collect();
-        let result = {
-            let mut tables: Vec<Option<&mut BlockTable>> = self
-                .running
-                .iter_mut()
-                .map(|s| Some(&mut s.table))
-                .collect();
+        let (result, mut masks) = {
+            let mut tables = Vec::with_capacity(self.running.len());
+            let mut constraints = Vec::with_capacity(self.running.len());
+            for (j, s) in self.running.iter_mut().enumerate() {
+                // Only sequences that sample this step need a mask.
+                let samples = chosen
+                    .iter()
+                    .any(|(i, r)| *i == j && r.end == s.tokens.len());
+                tables.push(Some(&mut s.table));
+                constraints.push(s.constraint.as_mut().filter(|_| samples));
+            }
             let mut items: Vec<BatchItem> = chosen
                 .iter()
                 .zip(&inputs)
@@ -487,7 +499,31 @@ impl Scheduler<'_> {
                     table: tables[*i].take().expect("each sequence is chosen once"),
                 })
                 .collect();
-            self.model.model.forward_batch(&mut self.cache, &mut items)
+            let wanted: Vec<(usize, &mut Constraint)> = chosen
+                .iter()
+                .enumerate()
+                .filter_map(|(k, (i, _))| constraints[*i].take().map(|c| (k, c)))
+                .collect();
+            let (model, cache) = (&self.model.model, &mut self.cache);
+            if wanted.is_empty() {
+                (model.forward_batch(cache, &mut items), Vec::new())
+            } else {
+                // Masks for this step's samples, computed while the model runs.
+                std::thread::scope(|scope| {
+                    let masker = scope.spawn(move || {
+                        wanted
+                            .into_iter()
+                            .map(|(k, c)| (k, c.mask()))
+                            .collect::<Vec<_>>()
+                    });
+                    let result = model.forward_batch(cache, &mut items);
+                    let masks = masker.join().unwrap_or_else(|_| {
+                        tracing::error!("computing token masks panicked");
+                        Vec::new()
+                    });
+                    (result, masks)
+                })
+            }
         };
         self.stats.steps.fetch_add(1, Relaxed);
         let logits = match result {
@@ -505,7 +541,14 @@ impl Scheduler<'_> {
             }
         };
         let mut finished = Vec::new();
-        for ((i, input), mut l) in chosen.into_iter().zip(logits) {
+        let mut mask_of = |k: usize| -> Result<Mask, GrammarError> {
+            let at = masks.iter().position(|(m, _)| *m == k);
+            match at.map(|at| masks.swap_remove(at).1) {
+                Some(r) => r,
+                None => Err(GrammarError("the token mask was not computed".into())),
+            }
+        };
+        for (k, ((i, input), mut l)) in chosen.into_iter().zip(logits).enumerate() {
             let s = &mut self.running[i];
             let decode = input.len() == 1 && input.start >= s.prompt_len;
             if !decode {
@@ -518,16 +561,42 @@ impl Scheduler<'_> {
                 continue; // more prompt to go
             }
             let lp = s.logprobs.map(|n| (log_softmax(&l), n));
+            if s.constraint.is_some() {
+                let masked = mask_of(k).and_then(|m| {
+                    if m.apply(&mut l) {
+                        Ok(())
+                    } else {
+                        Err(GrammarError("the grammar allows no token here".into()))
+                    }
+                });
+                if let Err(e) = masked {
+                    let _ = s
+                        .events
+                        .send(Event::Failed(format!("constrained decoding failed: {e}")));
+                    finished.push(i);
+                    continue;
+                }
+            }
             let history = if s.sampler.params().penalize_prompt {
                 &s.tokens[..]
             } else {
                 &s.tokens[s.prompt_len..]
             };
             let tok = s.sampler.sample(&mut l, history);
-            if !s.ignore_eos && self.model.info.tokenizer.is_eog(tok) {
+            let eog = self.model.info.tokenizer.is_eog(tok);
+            if eog && (!s.ignore_eos || s.constraint.is_some()) {
                 s.finish(FinishReason::Stop);
                 finished.push(i);
                 continue;
+            }
+            if let Some(c) = &mut s.constraint {
+                if let Err(e) = c.commit(tok) {
+                    let _ = s
+                        .events
+                        .send(Event::Failed(format!("constrained decoding failed: {e}")));
+                    finished.push(i);
+                    continue;
+                }
             }
             s.tokens.push(tok);
             self.stats.generated_tokens.fetch_add(1, Relaxed);
@@ -539,7 +608,10 @@ impl Scheduler<'_> {
                 finished.push(i); // the client went away
                 continue;
             }
-            if s.generated() >= s.max_tokens {
+            if s.constraint.as_ref().is_some_and(Constraint::is_finished) {
+                s.finish(FinishReason::Stop);
+                finished.push(i);
+            } else if s.generated() >= s.max_tokens {
                 s.finish(FinishReason::Length);
                 finished.push(i);
             }

@@ -90,6 +90,7 @@ fn concurrent_requests_get_their_solo_tokens() {
                     max_tokens,
                     logprobs: None,
                     ignore_eos: false,
+                    constraint: None,
                 })
                 .unwrap()
         })
@@ -138,6 +139,7 @@ fn cancellation_and_backpressure() {
         max_tokens: n,
         logprobs: None,
         ignore_eos: false,
+        constraint: None,
     };
 
     // A long request occupies the only running slot; the queue holds one more; the next
@@ -179,6 +181,7 @@ fn cancellation_and_backpressure() {
         max_tokens: 1,
         logprobs: None,
         ignore_eos: false,
+        constraint: None,
     };
     assert!(matches!(handle.submit(empty), Err(SubmitError::Invalid(_))));
 }
@@ -211,6 +214,7 @@ fn a_small_pool_preempts_instead_of_failing() {
                     max_tokens,
                     logprobs: None,
                     ignore_eos: false,
+                    constraint: None,
                 })
                 .unwrap()
         })
@@ -248,6 +252,7 @@ fn a_small_pool_preempts_instead_of_failing() {
             max_tokens: 1,
             logprobs: None,
             ignore_eos: false,
+            constraint: None,
         })
         .unwrap_err();
     assert!(
@@ -268,6 +273,7 @@ fn logprobs_describe_the_sampled_token() {
             max_tokens: 5,
             logprobs: Some(3),
             ignore_eos: false,
+            constraint: None,
         })
         .unwrap();
     let mut ids = Vec::new();

@@ -23,7 +23,8 @@ use std::path::Path;
 pub struct GgufModel {
     pub file: GgufFile,
     pub config: ModelConfig,
-    pub tokenizer: Tokenizer,
+    /// Shared: constrained decoding keeps a handle to it.
+    pub tokenizer: std::sync::Arc<Tokenizer>,
     /// The file's own chat template, or ChatML when it ships none.
     pub chat_template: ChatTemplate,
 }
@@ -72,7 +73,7 @@ impl GgufModel {
         Ok(Self {
             file,
             config,
-            tokenizer,
+            tokenizer: std::sync::Arc::new(tokenizer),
             chat_template,
         })
     }

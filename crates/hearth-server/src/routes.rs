@@ -297,6 +297,7 @@ async fn run(
                 max_tokens,
                 logprobs: gen.logprobs,
                 ignore_eos: gen.ignore_eos,
+                constraint: None,
             });
         }
     }

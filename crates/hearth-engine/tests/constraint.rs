@@ -1,0 +1,187 @@
+//! Constrained decoding on the real model, through the scheduler: outputs match their
+//! grammar (a JSON schema, a regex, a Lark grammar) whether they run alone or batched
+//! with unconstrained sequences; bad grammars are refused up front; a grammar that
+//! cannot finish within `max_tokens` ends with `Length`.
+
+mod common;
+
+use std::sync::Arc;
+
+use hearth_engine::scheduler::{spawn, Event, Request, SchedulerConfig};
+use hearth_engine::{FinishReason, Grammar, LoadedModel, SamplingParams};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn pool() -> Arc<rayon::ThreadPool> {
+    Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap(),
+    )
+}
+
+fn collect(mut rx: UnboundedReceiver<Event>) -> (Vec<u32>, Event) {
+    let mut tokens = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token { id, .. } => tokens.push(id),
+            end => return (tokens, end),
+        }
+    }
+    panic!("the event stream ended without Finished or Failed");
+}
+
+fn chat_prompt(model: &LoadedModel, user: &str) -> Vec<u32> {
+    let info = &model.info;
+    let text = info
+        .chat_template
+        .render(&[hearth_models::ChatMessage::new("user", user)], true)
+        .unwrap();
+    info.tokenizer.encode(&text, false).unwrap()
+}
+
+fn request(model: &LoadedModel, user: &str, grammar: Option<&Grammar>, max: usize) -> Request {
+    Request {
+        prompt: chat_prompt(model, user),
+        params: SamplingParams {
+            temperature: 0.7,
+            seed: 11,
+            ..SamplingParams::default()
+        },
+        max_tokens: max,
+        logprobs: None,
+        ignore_eos: false,
+        constraint: grammar.map(|g| model.constraint(g).unwrap()),
+    }
+}
+
+fn finished(end: &Event) -> FinishReason {
+    match end {
+        Event::Finished { reason, .. } => *reason,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn outputs_match_their_grammars_among_unconstrained_sequences() {
+    let model = Arc::new(common::default_model());
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": false
+    });
+    let grammars = [
+        Grammar::JsonSchema(schema),
+        Grammar::JsonObject,
+        Grammar::Regex(r"(yes|no), because [a-z ]{1,40}\.".into()),
+        Grammar::Lark(
+            r#"start: "The answer is " NUM "."
+NUM: /[0-9]{1,4}/"#
+                .into(),
+        ),
+    ];
+    let (handle, _thread) = spawn(model.clone(), SchedulerConfig::default(), pool()).unwrap();
+    let mut receivers = Vec::new();
+    let asks = [
+        "Describe a person as JSON.",
+        "Write a JSON object with the name and age of Alice, who is 30.",
+        "Is the sky blue?",
+        "What is 12 times 12?",
+    ];
+    for (i, (g, ask)) in grammars.iter().zip(asks).enumerate() {
+        let r = request(&model, ask, Some(g), 200);
+        receivers.push((Some(i), handle.submit(r).unwrap()));
+        // An unconstrained neighbour in the same batch.
+        let r = request(&model, "Tell me a story.", None, 30);
+        receivers.push((None, handle.submit(r).unwrap()));
+    }
+    let tok = &model.info.tokenizer;
+    for (g, rx) in receivers {
+        let (tokens, end) = collect(rx);
+        let text = tok.decode(&tokens, true);
+        let Some(g) = g else {
+            assert!(matches!(end, Event::Finished { .. }), "{end:?}");
+            continue;
+        };
+        assert_eq!(finished(&end), FinishReason::Stop, "grammar {g}: {text:?}");
+        match g {
+            0 => {
+                let v: Value = serde_json::from_str(&text).expect(&text);
+                assert!(v["name"].is_string() && v["name"].as_str().unwrap().chars().count() <= 20);
+                let age = v["age"].as_i64().expect(&text);
+                assert!((0..=120).contains(&age), "{text}");
+                let tags = v["tags"].as_array().expect(&text);
+                assert!(
+                    tags.len() <= 3
+                        && tags
+                            .iter()
+                            .all(|t| ["a", "b", "c"].contains(&t.as_str().unwrap()))
+                );
+                assert_eq!(v.as_object().unwrap().len(), 3, "{text}");
+            }
+            1 => {
+                let v: Value = serde_json::from_str(&text).expect(&text);
+                assert!(v.is_object(), "{text}");
+            }
+            2 => {
+                let (head, rest) = text.split_once(", because ").expect(&text);
+                assert!(head == "yes" || head == "no", "{text}");
+                assert!(rest.ends_with('.'), "{text}");
+            }
+            _ => {
+                let n = text
+                    .strip_prefix("The answer is ")
+                    .and_then(|t| t.strip_suffix('.'))
+                    .expect(&text);
+                assert!(
+                    n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_grammars_are_refused_with_a_reason() {
+    let model = common::default_model();
+    for (g, needle) in [
+        (Grammar::JsonSchema(json!({"type": "foo"})), "foo"),
+        (
+            Grammar::JsonSchema(json!({"type": "array", "uniqueItems": true})),
+            "uniqueItems",
+        ),
+        (Grammar::Lark("start: foo".into()), "foo"),
+        (Grammar::Regex("(unclosed".into()), ""),
+    ] {
+        let e = model.constraint(&g).unwrap_err();
+        assert!(e.0.contains(needle), "{g:?}: {e}");
+        assert!(!e.0.is_empty());
+    }
+}
+
+#[test]
+fn a_grammar_that_cannot_finish_in_time_ends_with_length() {
+    let model = Arc::new(common::default_model());
+    let schema = json!({
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": {"type": "integer"}, "minItems": 50}},
+        "required": ["items"]
+    });
+    let (handle, _thread) = spawn(model.clone(), SchedulerConfig::default(), pool()).unwrap();
+    let g = Grammar::JsonSchema(schema);
+    let rx = handle
+        .submit(request(&model, "Numbers please.", Some(&g), 8))
+        .unwrap();
+    let (tokens, end) = collect(rx);
+    assert_eq!(tokens.len(), 8);
+    assert_eq!(finished(&end), FinishReason::Length);
+    let text = model.info.tokenizer.decode(&tokens, true);
+    assert!(text.starts_with("{\"items\": ["), "{text}");
+}
