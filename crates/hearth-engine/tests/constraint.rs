@@ -185,3 +185,95 @@ fn a_grammar_that_cannot_finish_in_time_ends_with_length() {
     let text = model.info.tokenizer.decode(&tokens, true);
     assert!(text.starts_with("{\"items\": ["), "{text}");
 }
+
+/// Each tool-call format's grammar accepts what its parser reads back, and refuses
+/// what the choice forbids.
+#[test]
+fn tool_call_grammars_agree_with_their_parsers() {
+    use hearth_models::{ToolChoice, ToolFormat, ToolParser, ToolPiece, ToolSpec};
+    let model = common::default_model();
+    let tok = &model.info.tokenizer;
+    let tools = vec![
+        ToolSpec {
+            name: "get_weather".into(),
+            parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+        },
+        ToolSpec {
+            name: "now".into(),
+            parameters: json!({"type": "object", "properties": {}}),
+        },
+    ];
+    let weather = r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#;
+    let now = r#"{"name": "now", "arguments": {}}"#;
+    let cases: Vec<(ToolFormat, ToolChoice, String, bool)> = vec![
+        (
+            ToolFormat::Hermes,
+            ToolChoice::Auto,
+            "Just text.".into(),
+            true,
+        ),
+        (
+            ToolFormat::Hermes,
+            ToolChoice::Auto,
+            format!("Let me look.\n<tool_call>\n{weather}\n</tool_call>"),
+            true,
+        ),
+        (
+            ToolFormat::Hermes,
+            ToolChoice::Required,
+            format!("<tool_call>\n{weather}\n</tool_call>\n<tool_call>\n{now}\n</tool_call>"),
+            true,
+        ),
+        (
+            ToolFormat::Hermes,
+            ToolChoice::Required,
+            "Just text.".into(),
+            false,
+        ),
+        (
+            ToolFormat::Hermes,
+            ToolChoice::Function("now".into()),
+            format!("<tool_call>\n{weather}\n</tool_call>"),
+            false,
+        ),
+        (
+            ToolFormat::Llama3,
+            ToolChoice::Required,
+            r#"{"name": "get_weather", "parameters": {"city": "Oslo"}}"#.into(),
+            true,
+        ),
+        (ToolFormat::Llama3, ToolChoice::Auto, "Hello.".into(), true),
+        (
+            ToolFormat::Mistral,
+            ToolChoice::Required,
+            format!("[TOOL_CALLS][{weather}, {now}]"),
+            true,
+        ),
+    ];
+    for (format, choice, text, ok) in cases {
+        let lark = format.grammar(&tools, &choice, true, None).unwrap();
+        let mut c = model
+            .constraint(&Grammar::Lark(lark.clone()))
+            .unwrap_or_else(|e| panic!("{format:?} {choice:?}: {e}\n{lark}"));
+        let ids = tok.encode(&text, false).unwrap();
+        let accepted = ids
+            .iter()
+            .all(|&t| c.mask().unwrap().allows(t) && c.commit(t).is_ok())
+            && (c.is_finished() || c.is_accepting());
+        assert_eq!(accepted, ok, "{format:?} {choice:?}: {text}");
+        if ok {
+            let mut p = ToolParser::new(format);
+            let mut pieces = p.push(&text);
+            pieces.extend(p.finish());
+            let calls = pieces
+                .iter()
+                .filter(|p| matches!(p, ToolPiece::Call(_)))
+                .count();
+            assert_eq!(
+                calls,
+                text.matches("\"name\"").count(),
+                "{text}: {pieces:?}"
+            );
+        }
+    }
+}

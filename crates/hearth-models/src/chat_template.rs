@@ -7,11 +7,22 @@
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::Serialize;
 
+use crate::tools::{hermes_call_text, hermes_system_prompt, ToolFormat};
+
 /// One chat message as the template sees it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Default)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, as templates expect them:
+    /// `[{"id", "type": "function", "function": {"name", "arguments": {..}}}]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool result's call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -19,6 +30,7 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            ..Self::default()
         }
     }
 }
@@ -36,6 +48,10 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     pub bos_token: String,
     pub eos_token: String,
+    /// The template renders `tools` and tool turns itself.
+    pub supports_tools: bool,
+    /// How the model writes tool calls.
+    pub tool_format: ToolFormat,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -68,6 +84,8 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
+            supports_tools: source.contains("tools"),
+            tool_format: ToolFormat::detect(source),
         })
     }
 
@@ -78,12 +96,38 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders a conversation that may offer `tools` (OpenAI's `tools` array) and hold
+    /// tool calls and results. A template that knows no tools gets them in Hermes form:
+    /// the tool list in the system message, calls as `<tool_call>` blocks, results as
+    /// `<tool_response>` blocks in a user turn.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        let uses_tools = !tools.is_empty()
+            || messages
+                .iter()
+                .any(|m| m.tool_calls.is_some() || m.role == "tool");
+        let hermes;
+        let messages = if uses_tools && !self.supports_tools {
+            hermes = hermes_messages(messages, tools);
+            &hermes[..]
+        } else {
+            messages
+        };
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(|e| ChatTemplateError::Syntax(e.to_string()))?;
+        let tools = (!tools.is_empty() && self.supports_tools).then_some(tools);
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -99,6 +143,56 @@ impl ChatTemplate {
             ChatTemplateError::Render(msg)
         })
     }
+}
+
+/// A tool conversation rewritten in Hermes form for a template that knows only roles
+/// and text.
+fn hermes_messages(messages: &[ChatMessage], tools: &[serde_json::Value]) -> Vec<ChatMessage> {
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
+    if !tools.is_empty() {
+        let prompt = hermes_system_prompt(tools);
+        match messages.first() {
+            Some(m) if m.role == "system" => out.push(ChatMessage::new(
+                "system",
+                format!("{}\n\n{prompt}", m.content),
+            )),
+            _ => out.push(ChatMessage::new("system", prompt)),
+        }
+    }
+    let skip =
+        usize::from(!tools.is_empty() && messages.first().is_some_and(|m| m.role == "system"));
+    for m in &messages[skip..] {
+        match m.role.as_str() {
+            "assistant" if m.tool_calls.is_some() => {
+                let mut text = m.content.clone();
+                for call in m.tool_calls.iter().flatten() {
+                    let f = call.get("function").unwrap_or(call);
+                    let name = f.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+                    let args = f.get("arguments").cloned().unwrap_or_default();
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&hermes_call_text(name, &args));
+                }
+                out.push(ChatMessage::new("assistant", text));
+            }
+            "tool" => {
+                let block = format!("<tool_response>\n{}\n</tool_response>", m.content);
+                // Results of one turn's calls share one user message.
+                match out.last_mut() {
+                    Some(last)
+                        if last.role == "user" && last.content.ends_with("</tool_response>") =>
+                    {
+                        last.content.push('\n');
+                        last.content.push_str(&block);
+                    }
+                    _ => out.push(ChatMessage::new("user", block)),
+                }
+            }
+            _ => out.push(ChatMessage::new(m.role.clone(), m.content.clone())),
+        }
+    }
+    out
 }
 
 /// `strftime_now(format)`: the current UTC date, for templates that print today's date.
@@ -203,9 +297,9 @@ mod tests {
             .unwrap();
         assert_eq!(out, "<s>[USER] hi");
         let err = t
-            .render(&[ChatMessage::new("tool", "x")], false)
+            .render(&[ChatMessage::new("robot", "x")], false)
             .unwrap_err();
-        assert!(err.to_string().contains("bad role tool"), "{err}");
+        assert!(err.to_string().contains("bad role robot"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `hearth-models` owns what is on disk: finding a model file, reading GGUF (metadata,
 //! tensor directory, memory-mapped data), the typed [`ModelConfig`], the tokenizer
-//! rebuilt from GGUF metadata, and the chat template.
+//! rebuilt from GGUF metadata, the chat template, and how the model writes tool calls.
 //!
 //! It does no tensor math and opens no network connection. Every byte it reads from a
 //! file is bounds-checked: bad files give errors that name the file and the problem.
@@ -10,11 +10,13 @@ pub mod config;
 pub mod gguf;
 pub mod locate;
 pub mod tokenizer;
+pub mod tools;
 
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use gguf::{GgmlType, GgufError, GgufFile, TensorInfo, Value};
 pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError, TokenizerKind};
+pub use tools::{ToolCall, ToolChoice, ToolFormat, ToolParser, ToolPiece, ToolSpec};
 
 use std::path::Path;
 
