@@ -132,8 +132,10 @@ impl Constraints {
 /// JSON laid out as Python's `json.dumps` does (`{"a": 1, "b": [2, 3]}`), unless the
 /// schema sets its own `x-guidance` options. Free whitespace would let a small model
 /// emit blanks until `max_tokens`; a fixed layout also makes outputs reproducible.
+/// Objects with `properties` allow no other keys unless they say so
+/// ([`hearth_models::tools::strict_schema`]).
 pub fn json_layout(schema: &serde_json::Value) -> serde_json::Value {
-    let mut schema = schema.clone();
+    let mut schema = hearth_models::tools::strict_schema(schema);
     if let Some(obj) = schema.as_object_mut() {
         obj.entry("x-guidance").or_insert_with(|| {
             serde_json::json!({

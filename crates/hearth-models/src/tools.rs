@@ -96,7 +96,7 @@ impl ToolFormat {
         for (i, t) in chosen.iter().enumerate() {
             let schema = json!({
                 "type": "object",
-                "properties": {"name": {"const": t.name}, args_key: t.parameters},
+                "properties": {"name": {"const": t.name}, args_key: strict_schema(&t.parameters)},
                 "required": ["name", args_key],
                 "additionalProperties": false,
                 "x-guidance": {
@@ -147,6 +147,55 @@ impl ToolFormat {
             }
         }
         Some(g)
+    }
+}
+
+/// A JSON schema read strictly, as OpenAI's strict mode and xgrammar do: an object
+/// schema that lists `properties` and says nothing of `additionalProperties` allows no
+/// others. Without this a small model fills objects with keys nobody asked for.
+pub fn strict_schema(schema: &Value) -> Value {
+    let mut s = schema.clone();
+    make_strict(&mut s, 0);
+    s
+}
+
+fn make_strict(v: &mut Value, depth: usize) {
+    if depth > 64 {
+        return;
+    }
+    match v {
+        Value::Object(obj) => {
+            if obj.contains_key("properties") && !obj.contains_key("additionalProperties") {
+                obj.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            for (key, child) in obj.iter_mut() {
+                match key.as_str() {
+                    // Maps of name → schema.
+                    "properties" | "$defs" | "definitions" | "patternProperties" => {
+                        if let Value::Object(m) = child {
+                            for sub in m.values_mut() {
+                                make_strict(sub, depth + 1);
+                            }
+                        }
+                    }
+                    // A schema or a list of schemas.
+                    "items"
+                    | "prefixItems"
+                    | "anyOf"
+                    | "oneOf"
+                    | "allOf"
+                    | "additionalProperties"
+                    | "additionalItems" => make_strict(child, depth + 1),
+                    _ => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                make_strict(item, depth + 1);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -517,6 +566,18 @@ mod tests {
         assert!(ToolFormat::Hermes
             .grammar(&tools, &ToolChoice::None, true, None)
             .is_none());
+        let s = strict_schema(&json!({
+            "type": "object",
+            "properties": {"a": {"type": "array", "items": {"properties": {"b": {}}}}},
+            "$defs": {"d": {"properties": {}, "additionalProperties": true}}
+        }));
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["items"]["additionalProperties"], false);
+        assert_eq!(s["$defs"]["d"]["additionalProperties"], true);
+        assert_eq!(
+            strict_schema(&json!({"type": "object"})),
+            json!({"type": "object"})
+        );
         let g = ToolFormat::Hermes
             .grammar(&tools, &ToolChoice::Auto, true, None)
             .unwrap();

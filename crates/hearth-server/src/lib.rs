@@ -10,6 +10,7 @@ mod error;
 mod metrics;
 mod request;
 mod routes;
+mod structured;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};

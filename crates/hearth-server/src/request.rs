@@ -52,15 +52,29 @@ pub struct ChatFields {
     pub messages: Option<Vec<Message>>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
-    pub tools: Option<Value>,
-    pub tool_choice: Option<Value>,
-    pub response_format: Option<Value>,
 }
 
 #[derive(Deserialize, Debug)]
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A call in an earlier assistant turn, as the client sends it back.
+#[derive(Deserialize, Debug)]
+pub struct WireToolCall {
+    pub id: Option<String>,
+    pub function: WireFunction,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct WireFunction {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
 }
 
 #[derive(Deserialize, Debug)]
@@ -277,27 +291,7 @@ impl CommonFields {
 
 impl ChatFields {
     pub fn parse(body: &Value) -> Result<Self, ApiError> {
-        let f: Self = fields(body)?;
-        if f.tools.as_ref().is_some_and(|t| !t.is_null())
-            || f.tool_choice
-                .as_ref()
-                .is_some_and(|t| !t.is_null() && t != "none")
-        {
-            return Err(ApiError::invalid(
-                Some("tools"),
-                "Tool calling is not supported by this server yet.",
-            ));
-        }
-        if let Some(rf) = &f.response_format {
-            let kind = rf.get("type").and_then(Value::as_str);
-            if !rf.is_null() && kind != Some("text") {
-                return Err(ApiError::invalid(
-                    Some("response_format"),
-                    "Only response_format {\"type\": \"text\"} is supported by this server yet.",
-                ));
-            }
-        }
-        Ok(f)
+        fields(body)
     }
 
     /// `logprobs` / `top_logprobs` as the engine wants them.
@@ -337,11 +331,11 @@ impl ChatFields {
         for (i, m) in messages.iter().enumerate() {
             let role = match m.role.as_str() {
                 "developer" => "system",
-                r @ ("system" | "user" | "assistant") => r,
+                r @ ("system" | "user" | "assistant" | "tool") => r,
                 other => {
                     return Err(ApiError::invalid(
                         Some(&format!("messages[{i}].role")),
-                        format!("Invalid 'messages[{i}].role': {other:?} is not supported; use system, developer, user or assistant."),
+                        format!("Invalid 'messages[{i}].role': {other:?} is not supported; use system, developer, user, assistant or tool."),
                     ))
                 }
             };
@@ -364,7 +358,35 @@ impl ChatFields {
                     text
                 }
             };
-            out.push(hearth_models::ChatMessage::new(role, content));
+            let mut msg = hearth_models::ChatMessage::new(role, content);
+            if role == "tool" {
+                let Some(id) = &m.tool_call_id else {
+                    return Err(ApiError::invalid(
+                        Some(&format!("messages[{i}].tool_call_id")),
+                        format!("Missing required parameter: 'messages[{i}].tool_call_id'."),
+                    ));
+                };
+                msg.tool_call_id = Some(id.clone());
+            }
+            if let Some(calls) = m.tool_calls.as_ref().filter(|_| role == "assistant") {
+                let mut list = Vec::with_capacity(calls.len());
+                for (j, c) in calls.iter().enumerate() {
+                    // Templates want the arguments as an object, not JSON text.
+                    let args: serde_json::Value = serde_json::from_str(&c.function.arguments)
+                        .map_err(|e| {
+                            let p = format!("messages[{i}].tool_calls[{j}].function.arguments");
+                            ApiError::invalid(Some(&p), format!("Invalid '{p}': not JSON: {e}"))
+                        })?;
+                    list.push(serde_json::json!({
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": args},
+                    }));
+                }
+                msg.tool_calls = Some(list);
+            }
+            msg.name = m.name.clone();
+            out.push(msg);
         }
         Ok(out)
     }

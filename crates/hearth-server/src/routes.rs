@@ -13,13 +13,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::future::try_join_all;
 use hearth_engine::scheduler::{Event, Request, SubmitError};
-use hearth_engine::{FinishReason, LoadedModel};
+use hearth_engine::{Constraint, FinishReason, Grammar, LoadedModel};
+use hearth_models::{ToolCall, ToolFormat, ToolParser, ToolPiece};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use crate::choice::{ChoiceText, Release, TokenInfo};
 use crate::error::{ApiError, JsonObject};
 use crate::request::{ChatFields, CommonFields, CompletionFields, Generation, PromptInput};
+use crate::structured;
 use crate::{AppState, Engine};
 
 /// Tokens a text completion produces when the client sets no limit (OpenAI's default).
@@ -121,26 +123,81 @@ pub async fn chat_completions(
     let info = &engine.model.info;
     let gen = common.generation(chat.logprobs()?, info.config.vocab_size)?;
     let messages = chat.messages()?;
+    let spec = structured::output_spec(&body)?;
+    let tools = structured::tools(&body)?;
+    let active = tools.as_ref().filter(|t| t.active()).cloned();
+    if active.is_some() && spec.grammar.is_some() {
+        return Err(ApiError::invalid(
+            Some(spec.param),
+            format!(
+                "'{}' cannot be combined with tool calls; use tool_choice 'none' or leave it out.",
+                spec.param
+            ),
+        ));
+    }
+    let tool_format = active.as_ref().map(|_| info.chat_template.tool_format);
     let model = engine.model.clone();
-    // Template and tokenizer work is CPU work: off the async threads.
-    let prompts = blocking(move || {
+    // Template, tokenizer and grammar work is CPU work: off the async threads.
+    let (prompts, constraint) = blocking(move || {
         let info = &model.info;
-        let text = info.chat_template.render(&messages, true).map_err(|e| {
-            ApiError::invalid(
-                Some("messages"),
-                format!("The chat template rejected the messages: {e}"),
-            )
-        })?;
+        let raw = tools.as_ref().map_or(&[][..], |t| &t.raw[..]);
+        let text = info
+            .chat_template
+            .render_with_tools(&messages, raw, true)
+            .map_err(|e| {
+                ApiError::invalid(
+                    Some("messages"),
+                    format!("The chat template rejected the messages: {e}"),
+                )
+            })?;
         let tokens = info.tokenizer.encode(&text, false).map_err(|e| {
             ApiError::invalid(
                 Some("messages"),
                 format!("Cannot tokenize the messages: {e}"),
             )
         })?;
-        Ok(vec![PromptJob { tokens, echo: None }])
+        let constraint = match &active {
+            Some(t) => {
+                let tok = &info.tokenizer;
+                let mistral = tok
+                    .token_id("[TOOL_CALLS]")
+                    .filter(|&id| tok.is_control(id))
+                    .map(|id| format!("<[{id}]>"));
+                let grammar = t.grammar(info.chat_template.tool_format, mistral.as_deref());
+                compile(&model, grammar.as_ref(), "tools")?
+            }
+            None => compile(&model, spec.grammar.as_ref(), spec.param)?,
+        };
+        Ok((vec![PromptJob { tokens, echo: None }], constraint))
     })
     .await?;
-    run(state.clone(), Kind::Chat, gen, prompts, received).await
+    let out = Output {
+        constraint,
+        tool_format,
+    };
+    run(state.clone(), Kind::Chat, gen, prompts, out, received).await
+}
+
+/// What shapes a request's output: the compiled grammar, and the tool-call format to
+/// read calls back in.
+struct Output {
+    constraint: Option<Constraint>,
+    tool_format: Option<ToolFormat>,
+}
+
+/// Compiles a grammar for the model; a bad one is the client's 400.
+fn compile(
+    model: &LoadedModel,
+    grammar: Option<&Grammar>,
+    param: &str,
+) -> Result<Option<Constraint>, ApiError> {
+    let Some(g) = grammar else {
+        return Ok(None);
+    };
+    model
+        .constraint(g)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(Some(param), format!("Invalid '{param}': {e}")))
 }
 
 pub async fn completions(
@@ -162,9 +219,18 @@ pub async fn completions(
     }
     let echo = fields.echo.unwrap_or(false);
     let inputs = fields.prompts()?;
+    let spec = structured::output_spec(&body)?;
     let model = engine.model.clone();
-    let prompts = blocking(move || prompt_jobs(&model, inputs, echo)).await?;
-    run(state.clone(), Kind::Completion, gen, prompts, received).await
+    let (prompts, constraint) = blocking(move || {
+        let constraint = compile(&model, spec.grammar.as_ref(), spec.param)?;
+        Ok((prompt_jobs(&model, inputs, echo)?, constraint))
+    })
+    .await?;
+    let out = Output {
+        constraint,
+        tool_format: None,
+    };
+    run(state.clone(), Kind::Completion, gen, prompts, out, received).await
 }
 
 /// Runs `f` on tokio's blocking pool.
@@ -233,6 +299,8 @@ struct Job {
     logprobs: bool,
     include_usage: bool,
     received: Instant,
+    /// Tool calls are read out of the reply in this format.
+    tool_format: Option<ToolFormat>,
 }
 
 async fn run(
@@ -240,6 +308,7 @@ async fn run(
     kind: Kind,
     gen: Generation,
     prompts: Vec<PromptJob>,
+    out: Output,
     received: Instant,
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
@@ -297,7 +366,8 @@ async fn run(
                 max_tokens,
                 logprobs: gen.logprobs,
                 ignore_eos: gen.ignore_eos,
-                constraint: None,
+                // Each choice follows the grammar on its own.
+                constraint: out.constraint.clone(),
             });
         }
     }
@@ -326,6 +396,7 @@ async fn run(
         logprobs: gen.logprobs.is_some(),
         include_usage: gen.include_usage,
         received,
+        tool_format: out.tool_format,
     });
     state
         .metrics
@@ -443,12 +514,24 @@ async fn whole_response(
         .iter()
         .enumerate()
         .map(|(i, r)| match job.kind {
-            Kind::Chat => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": r.text, "refusal": null},
-                "logprobs": job.logprobs.then(|| chat_logprobs(&r.tokens)),
-                "finish_reason": r.finish,
-            }),
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": r.text, "refusal": null});
+                let mut finish = r.finish;
+                if let Some(format) = job.tool_format {
+                    let (content, calls) = split_tool_calls(format, &r.text);
+                    if !calls.is_empty() {
+                        message["content"] = (!content.is_empty()).then_some(content).into();
+                        message["tool_calls"] = calls.iter().map(tool_call_json).collect();
+                        finish = tool_finish(finish);
+                    }
+                }
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": job.logprobs.then(|| chat_logprobs(&r.tokens)),
+                    "finish_reason": finish,
+                })
+            }
             Kind::Completion => json!({
                 "index": i,
                 "text": r.text,
@@ -472,6 +555,45 @@ async fn whole_response(
         "usage": usage(prompt_tokens, completion_tokens),
     }))
     .into_response())
+}
+
+/// A whole reply read for tool calls: its text and its calls.
+fn split_tool_calls(format: ToolFormat, text: &str) -> (String, Vec<ToolCall>) {
+    let mut parser = ToolParser::new(format);
+    let mut pieces = parser.push(text);
+    pieces.extend(parser.finish());
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for p in pieces {
+        match p {
+            ToolPiece::Text(t) => content.push_str(&t),
+            ToolPiece::Call(c) => calls.push(c),
+        }
+    }
+    (content, calls)
+}
+
+/// A reply that ended by itself with calls in it ends for `tool_calls`.
+fn tool_finish(finish: &'static str) -> &'static str {
+    if finish == "stop" {
+        "tool_calls"
+    } else {
+        finish
+    }
+}
+
+/// OpenAI's call ids: `call_` and 24 random characters.
+fn call_id() -> String {
+    let id = random_id("call");
+    format!("call_{}", &id[5..29])
+}
+
+fn tool_call_json(c: &ToolCall) -> Value {
+    json!({
+        "id": call_id(),
+        "type": "function",
+        "function": {"name": c.name, "arguments": c.arguments},
+    })
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -574,6 +696,56 @@ impl Job {
         }
     }
 
+    /// Sends a reply's pieces as chat chunks: text as `content`, each call as OpenAI
+    /// streams one (its id and name with empty arguments, then the arguments).
+    /// Returns false when nobody listens any more.
+    fn send_pieces(
+        &self,
+        tx: &mpsc::UnboundedSender<Bytes>,
+        index: usize,
+        pieces: Vec<ToolPiece>,
+        calls: &mut usize,
+    ) -> bool {
+        for p in pieces {
+            let chunks = match p {
+                ToolPiece::Text(text) => {
+                    let r = Release {
+                        text,
+                        ..Release::default()
+                    };
+                    vec![self.text_chunk(index, &r, 0)]
+                }
+                ToolPiece::Call(c) => {
+                    let k = *calls;
+                    *calls += 1;
+                    let delta = |call: Value| {
+                        self.chunk(json!({
+                            "index": index,
+                            "delta": {"tool_calls": [call]},
+                            "logprobs": null,
+                            "finish_reason": null,
+                        }))
+                    };
+                    vec![
+                        delta(json!({
+                            "index": k,
+                            "id": call_id(),
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": ""},
+                        })),
+                        delta(json!({"index": k, "function": {"arguments": c.arguments}})),
+                    ]
+                }
+            };
+            for c in chunks {
+                if tx.send(sse(&c)).is_err() {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     fn finish_chunk(&self, index: usize, finish: &str) -> Value {
         match self.kind {
             Kind::Chat => self.chunk(json!({
@@ -619,18 +791,31 @@ fn stream_response(
                 offset = r.text.len();
                 tx.send(sse(&job.text_chunk(index, &r, 0))).ok()?;
             }
+            let mut tools = job.tool_format.map(ToolParser::new);
+            let mut calls = 0;
             let drive = drive_choice(&job, events, |r| {
                 if r.text.is_empty() && r.tokens.is_empty() {
                     return !tx.is_closed();
                 }
-                tx.send(sse(&job.text_chunk(index, &r, offset))).is_ok()
+                match &mut tools {
+                    None => tx.send(sse(&job.text_chunk(index, &r, offset))).is_ok(),
+                    Some(p) => job.send_pieces(&tx, index, p.push(&r.text), &mut calls),
+                }
             });
             let result = tokio::select! {
                 r = drive => r,
                 _ = tx.closed() => return None,
             };
             match result {
-                Ok((finish, completion_tokens)) => {
+                Ok((mut finish, completion_tokens)) => {
+                    if let Some(p) = &mut tools {
+                        if !job.send_pieces(&tx, index, p.finish(), &mut calls) {
+                            return None;
+                        }
+                        if calls > 0 {
+                            finish = tool_finish(finish);
+                        }
+                    }
                     tx.send(sse(&job.finish_chunk(index, finish))).ok()?;
                     Some(completion_tokens)
                 }
