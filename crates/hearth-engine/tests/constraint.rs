@@ -197,10 +197,12 @@ fn tool_call_grammars_agree_with_their_parsers() {
         ToolSpec {
             name: "get_weather".into(),
             parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+            strict: true,
         },
         ToolSpec {
             name: "now".into(),
             parameters: json!({"type": "object", "properties": {}}),
+            strict: true,
         },
     ];
     let weather = r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#;

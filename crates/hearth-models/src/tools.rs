@@ -13,6 +13,9 @@ pub struct ToolSpec {
     pub name: String,
     /// The JSON schema of its arguments (an object schema).
     pub parameters: Value,
+    /// Refuse schema keywords the grammar cannot enforce (OpenAI's `strict`); without
+    /// it they are ignored and the rest of the schema is enforced.
+    pub strict: bool,
 }
 
 /// What the client allows (`tool_choice`).
@@ -103,7 +106,7 @@ impl ToolFormat {
                     "whitespace_flexible": false,
                     "item_separator": ", ",
                     "key_separator": ": ",
-                    "lenient": true,
+                    "lenient": !t.strict,
                 },
             });
             g.push_str(&format!("fn_{i}: %json {schema}\n"));
@@ -152,7 +155,8 @@ impl ToolFormat {
 
 /// A JSON schema read strictly, as OpenAI's strict mode and xgrammar do: an object
 /// schema that lists `properties` and says nothing of `additionalProperties` allows no
-/// others. Without this a small model fills objects with keys nobody asked for.
+/// others (without this a small model fills objects with keys nobody asked for), and
+/// `time` / `date-time` strings stop after nine digits of fractional seconds.
 pub fn strict_schema(schema: &Value) -> Value {
     let mut s = schema.clone();
     make_strict(&mut s, 0);
@@ -167,6 +171,16 @@ fn make_strict(v: &mut Value, depth: usize) {
         Value::Object(obj) => {
             if obj.contains_key("properties") && !obj.contains_key("additionalProperties") {
                 obj.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            // RFC 3339 lets fractional seconds run on forever, and a small model will;
+            // nine digits (nanoseconds) is as precise as anyone stores.
+            let longest = match obj.get("format").and_then(Value::as_str) {
+                Some("date-time") => Some(35), // 2024-01-02T03:04:05.123456789+05:30
+                Some("time") => Some(24),      // 03:04:05.123456789+05:30
+                _ => None,
+            };
+            if let Some(n) = longest {
+                obj.entry("maxLength").or_insert(Value::from(n));
             }
             for (key, child) in obj.iter_mut() {
                 match key.as_str() {
@@ -550,10 +564,12 @@ mod tests {
             ToolSpec {
                 name: "a".into(),
                 parameters: json!({"type": "object"}),
+                strict: false,
             },
             ToolSpec {
                 name: "b".into(),
                 parameters: json!({"type": "object"}),
+                strict: false,
             },
         ];
         let g = ToolFormat::Hermes

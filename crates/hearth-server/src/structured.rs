@@ -249,7 +249,12 @@ pub fn tools(body: &Value) -> Result<Option<Tools>, ApiError> {
                 ))
             }
         };
-        specs.push(ToolSpec { name, parameters });
+        let strict = f.get("strict").and_then(Value::as_bool).unwrap_or(false);
+        specs.push(ToolSpec {
+            name,
+            parameters,
+            strict,
+        });
     }
     let choice = match choice_raw {
         None if specs.is_empty() => ToolChoice::None,
