@@ -1,9 +1,11 @@
 """The official `openai` client against `hearth serve`: every call a user of the client
 would make first. Prints a `test result:` line that scripts/test counts."""
+import json
 import sys
 import time
 
 import openai
+import pydantic
 from openai import OpenAI
 
 base_url, key = sys.argv[1], sys.argv[2]
@@ -120,9 +122,69 @@ def errors():
         assert e.status_code == 401
 
 
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False},
+    "strict": True}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def tools():
+    r = client.chat.completions.create(model=model, messages=ASK, tools=WEATHER,
+                                       tool_choice="required", temperature=0, max_tokens=100)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls, c
+    call = c.message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and set(args) == {"city", "unit"}, call
+    # The same call streamed, assembled as the client's users do.
+    calls, finish = {}, None
+    for chunk in client.chat.completions.create(model=model, messages=ASK, tools=WEATHER,
+                                                tool_choice="required", temperature=0,
+                                                max_tokens=100, stream=True):
+        for ch in chunk.choices:
+            finish = ch.finish_reason or finish
+            for d in ch.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
+                entry["name"] += (d.function.name or "") if d.function else ""
+                entry["arguments"] += (d.function.arguments or "") if d.function else ""
+    assert finish == "tool_calls", finish
+    assert [(v["name"], v["arguments"]) for v in calls.values()] == \
+        [(t.function.name, t.function.arguments) for t in c.message.tool_calls], calls
+    # The result goes back and the model answers in text.
+    r2 = client.chat.completions.create(
+        model=model, tools=WEATHER, max_tokens=30, temperature=0,
+        messages=ASK + [c.message.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": call.id,
+                         "content": json.dumps({"temperature": 21})}])
+    assert r2.choices[0].message.content, r2
+
+
+class City(pydantic.BaseModel):
+    name: str
+    country: str
+    population: int
+
+
+def structured():
+    # The client's own parse() helper: a pydantic model becomes a strict json_schema.
+    r = client.beta.chat.completions.parse(
+        model=model, messages=[{"role": "user", "content": "Describe Paris."}],
+        response_format=City, temperature=0, max_tokens=100)
+    city = r.choices[0].message.parsed
+    assert isinstance(city, City), r
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Write a JSON object with the name and age of Alice, who is 30."}],
+        response_format={"type": "json_object"}, temperature=0, max_tokens=200)
+    assert isinstance(json.loads(r.choices[0].message.content), dict), r
+
+
 for name, fn in [("models", models), ("chat", chat), ("chat stream", chat_stream),
                  ("chat logprobs, n, stop", chat_logprobs_n_stop),
-                 ("completions", completions), ("errors", errors)]:
+                 ("completions", completions), ("errors", errors),
+                 ("tool calls, streamed and back", tools), ("structured output", structured)]:
     check(name, fn)
 print(f"openai {openai.__version__} client")
 print(f"test result: {'ok' if failed == 0 else 'FAILED'}. {passed} passed; {failed} failed")

@@ -156,7 +156,8 @@ impl ToolFormat {
 /// A JSON schema read strictly, as OpenAI's strict mode and xgrammar do: an object
 /// schema that lists `properties` and says nothing of `additionalProperties` allows no
 /// others (without this a small model fills objects with keys nobody asked for), and
-/// `time` / `date-time` strings stop after nine digits of fractional seconds.
+/// `time` / `date-time` strings stop after nine digits of fractional seconds, and
+/// integers without bounds stay within ±2^53−1.
 pub fn strict_schema(schema: &Value) -> Value {
     let mut s = schema.clone();
     make_strict(&mut s, 0);
@@ -181,6 +182,22 @@ fn make_strict(v: &mut Value, depth: usize) {
             };
             if let Some(n) = longest {
                 obj.entry("maxLength").or_insert(Value::from(n));
+            }
+            // Unbounded integers let a small model repeat a digit until max_tokens;
+            // bound them to the range JSON parsers agree on (I-JSON, RFC 7493: ±2^53−1).
+            let integer = match obj.get("type") {
+                Some(Value::String(t)) => t == "integer",
+                Some(Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
+                _ => false,
+            };
+            if integer {
+                const SAFE: i64 = (1 << 53) - 1;
+                if !obj.contains_key("minimum") && !obj.contains_key("exclusiveMinimum") {
+                    obj.insert("minimum".into(), Value::from(-SAFE));
+                }
+                if !obj.contains_key("maximum") && !obj.contains_key("exclusiveMaximum") {
+                    obj.insert("maximum".into(), Value::from(SAFE));
+                }
             }
             for (key, child) in obj.iter_mut() {
                 match key.as_str() {
