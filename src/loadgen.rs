@@ -32,11 +32,23 @@ pub struct ServeBenchArgs {
     /// The `model` field to send (default: the first model the server lists).
     #[arg(long)]
     model: Option<String>,
+    /// JSON object merged into every request body, e.g. a `response_format` or `tools`
+    /// to measure what constrained decoding costs.
+    #[arg(long, value_parser = parse_extra)]
+    extra: Option<Value>,
     /// Bearer key, when the server wants one.
     #[arg(long, env = "HEARTH_API_KEY")]
     api_key: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Md)]
     output: Output,
+}
+
+fn parse_extra(s: &str) -> Result<Value, String> {
+    match serde_json::from_str(s) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err("expected a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
 }
 
 #[derive(Default)]
@@ -89,7 +101,7 @@ fn one_request(
     model: &str,
     i: usize,
 ) -> anyhow::Result<(Vec<f64>, f64, usize)> {
-    let body = json!({
+    let mut body = json!({
         "model": model,
         "messages": [{"role": "user", "content": prompt(i)}],
         "max_tokens": args.max_tokens,
@@ -97,8 +109,13 @@ fn one_request(
         "ignore_eos": true,
         "stream": true,
         "stream_options": {"include_usage": true},
-    })
-    .to_string();
+    });
+    if let Some(Value::Object(extra)) = &args.extra {
+        for (k, v) in extra {
+            body[k] = v.clone();
+        }
+    }
+    let body = body.to_string();
     let auth = args.api_key.as_ref().map(|k| format!("Bearer {k}"));
     let mut headers = vec![("Content-Type", "application/json")];
     if let Some(a) = &auth {

@@ -78,7 +78,7 @@ fn schemas() -> Vec<Value> {
             }
             props.insert((*name).into(), schema.clone());
             // Every other property optional, shifting with the schema.
-            if (i + j) % 2 == 0 {
+            if (i + j).is_multiple_of(2) {
                 required.push(Value::from(*name));
             }
         }

@@ -42,7 +42,8 @@ pub struct Request {
     /// bias and temperature).
     pub logprobs: Option<usize>,
     /// Generate past end-of-generation tokens (they are sent like any token), for
-    /// benchmarks that need a fixed output length.
+    /// benchmarks that need a fixed output length. Under a constraint, end-of-generation
+    /// tokens are instead masked while the grammar allows anything else.
     pub ignore_eos: bool,
     /// A grammar the output must match (see [`LoadedModel::constraint`]). The output
     /// ends when the grammar is complete; end-of-sequence is allowed only where the
@@ -123,6 +124,10 @@ pub struct SchedulerStats {
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub steps: AtomicU64,
+    /// Time spent computing grammar token masks (on the helper thread), microseconds.
+    pub mask_micros: AtomicU64,
+    /// Of which the step waited after its forward pass (on the critical path).
+    pub mask_wait_micros: AtomicU64,
     /// Set once the scheduler thread has ended.
     pub stopped: AtomicBool,
 }
@@ -509,18 +514,26 @@ impl Scheduler<'_> {
                 (model.forward_batch(cache, &mut items), Vec::new())
             } else {
                 // Masks for this step's samples, computed while the model runs.
+                let stats = &self.stats;
                 std::thread::scope(|scope| {
                     let masker = scope.spawn(move || {
-                        wanted
+                        let t = std::time::Instant::now();
+                        let masks = wanted
                             .into_iter()
                             .map(|(k, c)| (k, c.mask()))
-                            .collect::<Vec<_>>()
+                            .collect::<Vec<_>>();
+                        let us = t.elapsed().as_micros() as u64;
+                        stats.mask_micros.fetch_add(us, Relaxed);
+                        masks
                     });
                     let result = model.forward_batch(cache, &mut items);
+                    let waited = std::time::Instant::now();
                     let masks = masker.join().unwrap_or_else(|_| {
                         tracing::error!("computing token masks panicked");
                         Vec::new()
                     });
+                    let us = waited.elapsed().as_micros() as u64;
+                    stats.mask_wait_micros.fetch_add(us, Relaxed);
                     (result, masks)
                 })
             }
@@ -569,6 +582,21 @@ impl Scheduler<'_> {
                         Err(GrammarError("the grammar allows no token here".into()))
                     }
                 });
+                if masked.is_ok() && s.ignore_eos {
+                    // Past end-of-sequence too, wherever the grammar allows more.
+                    let eog = self.model.info.tokenizer.eog_tokens();
+                    let more = l
+                        .iter()
+                        .enumerate()
+                        .any(|(t, x)| x.is_finite() && !eog.contains(&(t as u32)));
+                    if more {
+                        for &t in eog {
+                            if let Some(x) = l.get_mut(t as usize) {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                }
                 if let Err(e) = masked {
                     let _ = s
                         .events

@@ -473,6 +473,39 @@ fn partial_suffix(s: &str, pat: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Fuzzing aid: feeds `pieces` to each format's parser and checks the contract: no
+/// panic, and text that holds no call opener comes out exactly as it went in.
+#[doc(hidden)]
+pub fn check_parser_contract(pieces: &[String]) {
+    let all: String = pieces.concat();
+    for format in [ToolFormat::Hermes, ToolFormat::Llama3, ToolFormat::Mistral] {
+        let mut p = ToolParser::new(format);
+        let mut out = Vec::new();
+        for piece in pieces {
+            out.extend(p.push(piece));
+        }
+        out.extend(p.finish());
+        let opener = match format {
+            ToolFormat::Hermes => all.contains(HERMES_OPEN),
+            ToolFormat::Mistral => all.contains(MISTRAL_OPEN),
+            ToolFormat::Llama3 => {
+                let t = all.trim_start();
+                t.starts_with('{') || t.starts_with(PYTHON_TAG)
+            }
+        };
+        if !opener {
+            let text: String = out
+                .iter()
+                .map(|p| match p {
+                    ToolPiece::Text(t) => t.as_str(),
+                    ToolPiece::Call(_) => panic!("a call without an opener"),
+                })
+                .collect();
+            assert_eq!(text, all, "{format:?} lost or changed text");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,8 @@ pub struct ChoiceText {
     /// Bytes of text released so far.
     released: usize,
     stopped: bool,
+    /// Control tokens whose text is kept (a tool-call opener such as `[TOOL_CALLS]`).
+    visible: Vec<u32>,
 }
 
 fn token_info(tok: &Tokenizer, id: u32, lp: &TokenLogprobs, offset: usize) -> TokenInfo {
@@ -71,10 +73,16 @@ impl ChoiceText {
             held_tokens: Vec::new(),
             released: 0,
             stopped: false,
+            visible: Vec::new(),
         }
     }
 
-    /// Adds a generated token. Control tokens carry no text.
+    /// Keeps the text of these control tokens (they are dropped otherwise).
+    pub fn keep_control_tokens(&mut self, ids: Vec<u32>) {
+        self.visible = ids;
+    }
+
+    /// Adds a generated token. Control tokens carry no text unless kept.
     pub fn push(&mut self, tok: &Tokenizer, id: u32, logprobs: Option<&TokenLogprobs>) -> Release {
         if self.stopped {
             return Release {
@@ -83,7 +91,7 @@ impl ChoiceText {
             };
         }
         let start = self.released + self.held.len();
-        if !tok.is_control(id) {
+        if !tok.is_control(id) || self.visible.contains(&id) {
             let piece = self.decoder.push(tok.token_bytes(id));
             self.held.push_str(&piece);
         }

@@ -28,9 +28,9 @@ use hearth_engine::{LoadedModel, SchedulerHandle};
 pub use error::ApiError;
 pub use metrics::proc_bytes;
 
-/// Fuzzing entry: runs request bytes through every parser and check a handler would,
-/// and the stop-sequence logic over the body's `"pieces"` (an array of strings). Must
-/// never panic.
+/// Fuzzing entry: runs request bytes through every parser and check a handler would
+/// (structured output and tools included), and the stop-sequence and tool-call parsers
+/// over the body's `"pieces"` (an array of strings). Must never panic.
 #[doc(hidden)]
 pub fn fuzz_request(data: &[u8]) {
     let Ok(body) = serde_json::from_slice::<serde_json::Value>(data) else {
@@ -46,6 +46,17 @@ pub fn fuzz_request(data: &[u8]) {
                 .and_then(|p| serde_json::from_value(p.clone()).ok())
                 .unwrap_or_default();
             choice::check_stop_contract(g.stop, &pieces);
+            hearth_models::tools::check_parser_contract(&pieces);
+        }
+    }
+    let _ = structured::output_spec(&body);
+    if let Ok(Some(t)) = structured::tools(&body) {
+        for f in [
+            hearth_models::ToolFormat::Hermes,
+            hearth_models::ToolFormat::Llama3,
+            hearth_models::ToolFormat::Mistral,
+        ] {
+            let _ = t.grammar(f, None);
         }
     }
     if let Ok(c) = request::ChatFields::parse(&body) {

@@ -179,6 +179,18 @@ impl Metrics {
                     s.steps.load(Relaxed).to_string(),
                 ),
                 (
+                    "hearth_constraint_mask_seconds_total",
+                    "Time spent computing grammar token masks (beside the forward pass).",
+                    "counter",
+                    format!("{}", s.mask_micros.load(Relaxed) as f64 / 1e6),
+                ),
+                (
+                    "hearth_constraint_wait_seconds_total",
+                    "Time steps waited for token masks after their forward pass.",
+                    "counter",
+                    format!("{}", s.mask_wait_micros.load(Relaxed) as f64 / 1e6),
+                ),
+                (
                     "hearth_engine_prompt_tokens_total",
                     "Prompt tokens run through the model, recomputation included.",
                     "counter",

@@ -420,6 +420,14 @@ async fn drive_choice(
     let engine = engine_ref(&job.state);
     let tokenizer = &engine.model.info.tokenizer;
     let mut text = ChoiceText::new(job.stop.clone());
+    if job.tool_format.is_some() {
+        // Call openers that some tokenizers have as control tokens.
+        let openers = ["[TOOL_CALLS]", "<|python_tag|>"]
+            .iter()
+            .filter_map(|t| tokenizer.token_id(t))
+            .collect();
+        text.keep_control_tokens(openers);
+    }
     let mut generated = 0;
     let mut last: Option<Instant> = None;
     let metrics = &job.state.metrics;
