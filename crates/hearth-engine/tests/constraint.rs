@@ -5,32 +5,13 @@
 
 mod common;
 
+use common::{collect, pool};
+
 use std::sync::Arc;
 
 use hearth_engine::scheduler::{spawn, Event, Request, SchedulerConfig};
 use hearth_engine::{FinishReason, Grammar, LoadedModel, SamplingParams};
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
-
-fn pool() -> Arc<rayon::ThreadPool> {
-    Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap(),
-    )
-}
-
-fn collect(mut rx: UnboundedReceiver<Event>) -> (Vec<u32>, Event) {
-    let mut tokens = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Token { id, .. } => tokens.push(id),
-            end => return (tokens, end),
-        }
-    }
-    panic!("the event stream ended without Finished or Failed");
-}
 
 fn chat_prompt(model: &LoadedModel, user: &str) -> Vec<u32> {
     let info = &model.info;

@@ -4,36 +4,17 @@
 
 mod common;
 
+use common::{collect, pool};
+
 use std::sync::Arc;
 
 use std::sync::atomic::Ordering::Relaxed;
 
 use hearth_engine::scheduler::{spawn, Event, Request, SchedulerConfig, SubmitError};
 use hearth_engine::{FinishReason, LoadedModel, SamplingParams};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 fn model() -> Arc<LoadedModel> {
     Arc::new(common::default_model())
-}
-
-fn pool() -> Arc<rayon::ThreadPool> {
-    Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap(),
-    )
-}
-
-fn collect(mut rx: UnboundedReceiver<Event>) -> (Vec<u32>, Event) {
-    let mut tokens = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Token { id, .. } => tokens.push(id),
-            end => return (tokens, end),
-        }
-    }
-    panic!("the event stream ended without Finished or Failed");
 }
 
 fn solo_tokens(model: &LoadedModel, prompt: &[u32], max_tokens: usize) -> Vec<u32> {

@@ -4,9 +4,12 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::Device;
+use hearth_engine::scheduler::Event;
 use hearth_engine::LoadedModel;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -22,4 +25,26 @@ pub fn default_model() -> LoadedModel {
         path.display()
     );
     LoadedModel::load(&path, &Device::Cpu).unwrap()
+}
+
+/// A two-thread compute pool, as the server makes on this machine class.
+pub fn pool() -> Arc<rayon::ThreadPool> {
+    Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap(),
+    )
+}
+
+/// A request's tokens and the event that ended it.
+pub fn collect(mut rx: UnboundedReceiver<Event>) -> (Vec<u32>, Event) {
+    let mut tokens = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token { id, .. } => tokens.push(id),
+            end => return (tokens, end),
+        }
+    }
+    panic!("the event stream ended without Finished or Failed");
 }
