@@ -171,7 +171,7 @@ fn a_grammar_that_cannot_finish_in_time_ends_with_length() {
 /// what the choice forbids.
 #[test]
 fn tool_call_grammars_agree_with_their_parsers() {
-    use hearth_models::{ToolChoice, ToolFormat, ToolParser, ToolPiece, ToolSpec};
+    use hearth_models::{ToolChoice, ToolFormat, ToolParser, ToolSpec};
     let model = common::default_model();
     let tok = &model.info.tokenizer;
     let tools = vec![
@@ -248,15 +248,16 @@ fn tool_call_grammars_agree_with_their_parsers() {
             let mut p = ToolParser::new(format);
             let mut pieces = p.push(&text);
             pieces.extend(p.finish());
-            let calls = pieces
-                .iter()
-                .filter(|p| matches!(p, ToolPiece::Call(_)))
-                .count();
+            let (_, calls) = hearth_models::tools::collect_pieces(pieces);
             assert_eq!(
-                calls,
+                calls.len(),
                 text.matches("\"name\"").count(),
-                "{text}: {pieces:?}"
+                "{text}: {calls:?}"
             );
+            for c in calls {
+                let args: Value = serde_json::from_str(&c.arguments).unwrap();
+                assert!(args.is_object(), "{text}: {c:?}");
+            }
         }
     }
 }

@@ -302,6 +302,50 @@ mod tests {
         assert!(err.to_string().contains("bad role robot"), "{err}");
     }
 
+    /// A template with tool support (shaped like Qwen2.5's) gets `tools` and the tool
+    /// turns as they are; one without gets them rewritten in Hermes form.
+    #[test]
+    fn tools_render_natively_or_in_hermes_form() {
+        let tool = serde_json::json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
+        let call = serde_json::json!({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}});
+        let mut asked = ChatMessage::new("assistant", "");
+        asked.tool_calls = Some(vec![call]);
+        let mut result = ChatMessage::new("tool", "42");
+        result.tool_call_id = Some("call_1".into());
+        let messages = vec![ChatMessage::new("user", "go"), asked, result];
+
+        let native = "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }}{% endfor %}</tools>{% endif %}{% for m in messages %}[{{ m.role }}]{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function.name }}{{ c.function.arguments | tojson }}</tool_call>{% endfor %}{% endif %}{% if m.role == 'tool' %}({{ m.tool_call_id }}){% endif %}{{ m.content }}{% endfor %}";
+        let t = ChatTemplate::new(native, "", "").unwrap();
+        assert!(t.supports_tools);
+        assert_eq!(t.tool_format, ToolFormat::Hermes);
+        let out = t
+            .render_with_tools(&messages, std::slice::from_ref(&tool), false)
+            .unwrap();
+        assert_eq!(
+            out,
+            r#"<tools>f</tools>[user]go[assistant]<tool_call>f{"x":1}</tool_call>[tool](call_1)42"#
+        );
+
+        let t = ChatTemplate::new(CHATML, "", "").unwrap();
+        assert!(!t.supports_tools);
+        let out = t.render_with_tools(&messages, &[tool], true).unwrap();
+        assert!(out.starts_with("<|im_start|>system\n# Tools\n"), "{out}");
+        assert!(
+            out.contains(
+                r#"<tools>
+{"function": {"name": "f", "parameters": {"type": "object"}}, "type": "function"}
+</tools>"#
+            ),
+            "{out}"
+        );
+        assert!(out.contains("<|im_start|>assistant\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call><|im_end|>"), "{out}");
+        assert!(
+            out.contains("<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>"),
+            "{out}"
+        );
+        assert!(out.ends_with("<|im_start|>assistant\n"), "{out}");
+    }
+
     #[test]
     fn syntax_errors_are_reported() {
         assert!(matches!(

@@ -239,7 +239,7 @@ pub fn hermes_system_prompt(tools: &[Value]) -> String {
     );
     for t in tools {
         s.push('\n');
-        s.push_str(&t.to_string());
+        s.push_str(&dumps(t));
     }
     s.push_str(
         "\n</tools>\n\nFor each function call, return a json object with function name and \
@@ -249,19 +249,84 @@ pub fn hermes_system_prompt(tools: &[Value]) -> String {
     s
 }
 
-/// One call as Hermes writes it, for replaying an assistant turn.
+/// One call as Hermes writes it (and as our grammar lays it out), for replaying an
+/// assistant turn.
 pub fn hermes_call_text(name: &str, arguments: &Value) -> String {
     format!(
-        "<tool_call>\n{}\n</tool_call>",
-        json!({"name": name, "arguments": arguments})
+        "<tool_call>\n{{\"name\": {}, \"arguments\": {}}}\n</tool_call>",
+        Value::from(name),
+        dumps(arguments)
     )
+}
+
+/// JSON as Python's `json.dumps` writes it: `{"a": 1, "b": [2, 3]}`.
+pub fn dumps(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let items: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), dumps(v)))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(dumps).collect();
+            format!("[{}]", items.join(", "))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// What a reply's text becomes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ToolPiece {
     Text(String),
+    /// A whole call.
     Call(ToolCall),
+    /// A call begins (its arguments follow as [`ToolPiece::Args`] fragments).
+    Begin {
+        name: String,
+    },
+    /// More of the current call's arguments (JSON text).
+    Args(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Hermes {
+    /// Waiting for `{"name": "NAME", "arguments": `.
+    Head,
+    /// Inside the arguments: JSON nesting so far.
+    Args {
+        depth: usize,
+        in_str: bool,
+        escaped: bool,
+    },
+    /// After the arguments, until `</tool_call>`.
+    Tail,
+    /// Not the usual layout: read the call whole.
+    Whole,
+}
+
+/// Text and calls of a whole reply, calls streamed in pieces put back together.
+pub fn collect_pieces(pieces: Vec<ToolPiece>) -> (String, Vec<ToolCall>) {
+    let mut text = String::new();
+    let mut calls: Vec<ToolCall> = Vec::new();
+    for p in pieces {
+        match p {
+            ToolPiece::Text(t) => text.push_str(&t),
+            ToolPiece::Call(c) => calls.push(c),
+            ToolPiece::Begin { name } => calls.push(ToolCall {
+                name,
+                arguments: String::new(),
+            }),
+            ToolPiece::Args(a) => {
+                if let Some(c) = calls.last_mut() {
+                    c.arguments.push_str(&a);
+                }
+            }
+        }
+    }
+    (text, calls)
 }
 
 /// Reads a reply as it streams: text goes out as soon as it cannot be the start of a
@@ -272,6 +337,8 @@ pub struct ToolParser {
     format: ToolFormat,
     buf: String,
     in_call: bool,
+    /// How far a Hermes call in the usual layout has been streamed.
+    hermes: Hermes,
     /// Nothing but whitespace has been released yet.
     at_start: bool,
 }
@@ -282,6 +349,7 @@ impl ToolParser {
             format,
             buf: String::new(),
             in_call: false,
+            hermes: Hermes::Head,
             at_start: true,
         }
     }
@@ -302,6 +370,12 @@ impl ToolParser {
 
     fn drain(&mut self, out: &mut Vec<ToolPiece>, end: bool) {
         loop {
+            if self.in_call && self.format == ToolFormat::Hermes && self.hermes != Hermes::Whole {
+                if !self.stream_hermes(out, end) {
+                    return;
+                }
+                continue;
+            }
             if self.in_call {
                 let done = match self.format {
                     ToolFormat::Hermes => self.buf.find(HERMES_CLOSE).map(|at| {
@@ -317,6 +391,7 @@ impl ToolParser {
                     return;
                 };
                 self.in_call = false;
+                self.hermes = Hermes::Head;
                 match self.parse_calls(&body) {
                     Some(calls) => out.extend(calls.into_iter().map(ToolPiece::Call)),
                     None => push_text(out, self.opener_for(&body)),
@@ -355,6 +430,137 @@ impl ToolParser {
             }
             push_text(out, text);
             return;
+        }
+    }
+
+    /// Streams a Hermes call written as `{"name": "NAME", "arguments": {...}}` (the
+    /// layout our grammar makes): `Begin` once the name is known, then the arguments as
+    /// they come. Any other layout falls back to reading the call whole. Returns false
+    /// when it needs more text.
+    fn stream_hermes(&mut self, out: &mut Vec<ToolPiece>, end: bool) -> bool {
+        const NAME: &str = "{\"name\": \"";
+        const ARGS: &str = "\", \"arguments\": ";
+        match self.hermes {
+            Hermes::Head => {
+                let lead = self.buf.len() - self.buf.trim_start().len();
+                let t = &self.buf[lead..];
+                let head = t.strip_prefix(NAME).and_then(|rest| {
+                    let close = rest.find(['"', '\\'])?;
+                    let after = &rest[close..];
+                    after
+                        .starts_with(ARGS)
+                        .then(|| {
+                            (
+                                rest[..close].to_owned(),
+                                lead + NAME.len() + close + ARGS.len(),
+                            )
+                        })
+                        .filter(|_| after.starts_with('"'))
+                });
+                // Stream only object arguments (a model may write them as a string).
+                let head = match head {
+                    Some((_, used)) if self.buf.len() == used && !end => return false,
+                    Some((name, used)) if self.buf[used..].starts_with('{') => Some((name, used)),
+                    _ => None,
+                };
+                if let Some((name, used)) = head {
+                    self.buf.drain(..used);
+                    out.push(ToolPiece::Begin { name });
+                    self.hermes = Hermes::Args {
+                        depth: 0,
+                        in_str: false,
+                        escaped: false,
+                    };
+                    return true;
+                }
+                // Could it still become the usual layout?
+                let could = if t.len() <= NAME.len() {
+                    NAME.starts_with(t)
+                } else {
+                    let rest = &t[NAME.len()..];
+                    t.starts_with(NAME)
+                        && match rest.find(['"', '\\']) {
+                            None => true,
+                            Some(c) => rest[c..].starts_with('"') && ARGS.starts_with(&rest[c..]),
+                        }
+                };
+                if could && !end {
+                    return false;
+                }
+                self.hermes = Hermes::Whole;
+                true
+            }
+            Hermes::Args {
+                mut depth,
+                mut in_str,
+                mut escaped,
+            } => {
+                let mut done = None;
+                for (i, c) in self.buf.char_indices() {
+                    if in_str {
+                        match c {
+                            _ if escaped => escaped = false,
+                            '\\' => escaped = true,
+                            '"' => in_str = false,
+                            _ => {}
+                        }
+                        continue;
+                    }
+                    match c {
+                        '"' => in_str = true,
+                        '{' | '[' => depth += 1,
+                        '}' | ']' if depth > 0 => {
+                            depth -= 1;
+                            if depth == 0 {
+                                done = Some(i + 1);
+                                break;
+                            }
+                        }
+                        // The call's own closing brace after scalar arguments.
+                        '}' => {
+                            done = Some(i);
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                let cut = done.unwrap_or(self.buf.len());
+                let frag: String = self.buf.drain(..cut).collect();
+                if !frag.is_empty() {
+                    out.push(ToolPiece::Args(frag));
+                }
+                if done.is_some() {
+                    self.hermes = Hermes::Tail;
+                    return true;
+                }
+                self.hermes = Hermes::Args {
+                    depth,
+                    in_str,
+                    escaped,
+                };
+                if end {
+                    self.buf.clear();
+                    self.in_call = false;
+                    self.hermes = Hermes::Head;
+                }
+                end
+            }
+            Hermes::Tail => {
+                // The call's closing brace and `</tool_call>`.
+                match self.buf.find(HERMES_CLOSE) {
+                    Some(at) => {
+                        self.buf.drain(..at + HERMES_CLOSE.len());
+                        let trimmed = self.buf.trim_start().len();
+                        self.buf.drain(..self.buf.len() - trimmed);
+                    }
+                    None if end => self.buf.clear(),
+                    None => return false,
+                }
+                self.in_call = false;
+                self.hermes = Hermes::Head;
+                true
+            }
+            Hermes::Whole => true,
         }
     }
 
@@ -498,7 +704,7 @@ pub fn check_parser_contract(pieces: &[String]) {
                 .iter()
                 .map(|p| match p {
                     ToolPiece::Text(t) => t.as_str(),
-                    ToolPiece::Call(_) => panic!("a call without an opener"),
+                    other => panic!("a call without an opener: {other:?}"),
                 })
                 .collect();
             assert_eq!(text, all, "{format:?} lost or changed text");
@@ -510,20 +716,20 @@ pub fn check_parser_contract(pieces: &[String]) {
 mod tests {
     use super::*;
 
+    /// Text and whole calls, streamed calls put back together.
     fn run(format: ToolFormat, pieces: &[&str]) -> Vec<ToolPiece> {
         let mut p = ToolParser::new(format);
-        let mut out = Vec::new();
+        let mut all = Vec::new();
         for piece in pieces {
-            for x in p.push(piece) {
-                match (out.last_mut(), x) {
-                    (Some(ToolPiece::Text(a)), ToolPiece::Text(b)) => a.push_str(&b),
-                    (_, x) => out.push(x),
-                }
-            }
+            all.extend(p.push(piece));
         }
-        for x in p.finish() {
+        all.extend(p.finish());
+        let mut out = Vec::new();
+        for x in all {
             match (out.last_mut(), x) {
                 (Some(ToolPiece::Text(a)), ToolPiece::Text(b)) => a.push_str(&b),
+                (_, ToolPiece::Begin { name }) => out.push(call(&name, "")),
+                (Some(ToolPiece::Call(c)), ToolPiece::Args(a)) => c.arguments.push_str(&a),
                 (_, x) => out.push(x),
             }
         }
@@ -551,10 +757,31 @@ mod tests {
             out,
             vec![
                 ToolPiece::Text("Let me check.".into()),
-                call("get_weather", r#"{"city":"Paris"}"#),
+                call("get_weather", r#"{"city": "Paris"}"#),
                 call("now", "{}"),
             ]
         );
+        // The usual layout streams: the name first, then the arguments as they come.
+        let mut p = ToolParser::new(ToolFormat::Hermes);
+        assert_eq!(p.push("<tool_call>\n{\"name\": \"f"), vec![]);
+        assert_eq!(
+            p.push("\", \"arguments\": {\"a\": \"}"),
+            vec![
+                ToolPiece::Begin { name: "f".into() },
+                ToolPiece::Args("{\"a\": \"}".into())
+            ]
+        );
+        assert_eq!(
+            p.push("x\"}}\n</tool_call>"),
+            vec![ToolPiece::Args("x\"}".into())]
+        );
+        assert_eq!(p.finish(), vec![]);
+        // Another layout is read whole.
+        let out = run(
+            ToolFormat::Hermes,
+            &["<tool_call>\n{\"arguments\": {\"b\": 2}, \"name\": \"g\"}\n</tool_call>"],
+        );
+        assert_eq!(out, vec![call("g", r#"{"b":2}"#)]);
         // A partial opener is held back, then released when it is not one.
         let mut p = ToolParser::new(ToolFormat::Hermes);
         assert_eq!(p.push("a <tool"), vec![ToolPiece::Text("a".into())]);

@@ -570,15 +570,7 @@ fn split_tool_calls(format: ToolFormat, text: &str) -> (String, Vec<ToolCall>) {
     let mut parser = ToolParser::new(format);
     let mut pieces = parser.push(text);
     pieces.extend(parser.finish());
-    let mut content = String::new();
-    let mut calls = Vec::new();
-    for p in pieces {
-        match p {
-            ToolPiece::Text(t) => content.push_str(&t),
-            ToolPiece::Call(c) => calls.push(c),
-        }
-    }
-    (content, calls)
+    hearth_models::tools::collect_pieces(pieces)
 }
 
 /// A reply that ended by itself with calls in it ends for `tool_calls`.
@@ -724,25 +716,18 @@ impl Job {
                     vec![self.text_chunk(index, &r, 0)]
                 }
                 ToolPiece::Call(c) => {
-                    let k = *calls;
                     *calls += 1;
-                    let delta = |call: Value| {
-                        self.chunk(json!({
-                            "index": index,
-                            "delta": {"tool_calls": [call]},
-                            "logprobs": null,
-                            "finish_reason": null,
-                        }))
-                    };
                     vec![
-                        delta(json!({
-                            "index": k,
-                            "id": call_id(),
-                            "type": "function",
-                            "function": {"name": c.name, "arguments": ""},
-                        })),
-                        delta(json!({"index": k, "function": {"arguments": c.arguments}})),
+                        self.call_delta(index, *calls - 1, Some(&c.name), ""),
+                        self.call_delta(index, *calls - 1, None, &c.arguments),
                     ]
+                }
+                ToolPiece::Begin { name } => {
+                    *calls += 1;
+                    vec![self.call_delta(index, *calls - 1, Some(&name), "")]
+                }
+                ToolPiece::Args(a) => {
+                    vec![self.call_delta(index, calls.saturating_sub(1), None, &a)]
                 }
             };
             for c in chunks {
@@ -752,6 +737,26 @@ impl Job {
             }
         }
         true
+    }
+
+    /// A `tool_calls` delta: the call's id, type and name when it begins (`name`),
+    /// else a fragment of its arguments.
+    fn call_delta(&self, index: usize, call: usize, name: Option<&str>, arguments: &str) -> Value {
+        let call = match name {
+            Some(name) => json!({
+                "index": call,
+                "id": call_id(),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }),
+            None => json!({"index": call, "function": {"arguments": arguments}}),
+        };
+        self.chunk(json!({
+            "index": index,
+            "delta": {"tool_calls": [call]},
+            "logprobs": null,
+            "finish_reason": null,
+        }))
     }
 
     fn finish_chunk(&self, index: usize, finish: &str) -> Value {
