@@ -214,6 +214,12 @@ impl Constraint {
             .map_err(|e| GrammarError(e.to_string()))
     }
 
+    /// Tokens the grammar forces next (a fixed key, a closing bracket), already
+    /// advanced over; they need no sampling. Empty when nothing is forced.
+    pub fn forced(&mut self) -> Vec<u32> {
+        self.matcher.consume_ff_tokens()
+    }
+
     /// The output is complete: the grammar allows nothing more.
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()

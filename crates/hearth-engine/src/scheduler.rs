@@ -47,7 +47,8 @@ pub struct Request {
     pub ignore_eos: bool,
     /// A grammar the output must match (see [`LoadedModel::constraint`]). The output
     /// ends when the grammar is complete; end-of-sequence is allowed only where the
-    /// grammar could end.
+    /// grammar could end; tokens the grammar forces are appended without sampling and
+    /// run through the model together in the next step.
     pub constraint: Option<Constraint>,
 }
 
@@ -120,7 +121,8 @@ pub struct SchedulerStats {
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub preemptions: AtomicU64,
-    /// Prompt tokens run through the model (recomputation included).
+    /// Prompt tokens run through the model (recomputation and grammar-forced tokens
+    /// included).
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub steps: AtomicU64,
@@ -635,6 +637,35 @@ impl Scheduler<'_> {
             if s.events.send(Event::Token { id: tok, logprobs }).is_err() {
                 finished.push(i); // the client went away
                 continue;
+            }
+            // Tokens the grammar forces next go in without sampling: the next step runs
+            // them through the model as one chunk. (Not when log-probabilities are
+            // asked for: every token then has the model's own.)
+            if s.logprobs.is_none() && s.generated() < s.max_tokens {
+                if let Some(c) = &mut s.constraint {
+                    let mut gone = false;
+                    for t in c.forced() {
+                        if s.generated() >= s.max_tokens || self.model.info.tokenizer.is_eog(t) {
+                            break;
+                        }
+                        s.tokens.push(t);
+                        self.stats.generated_tokens.fetch_add(1, Relaxed);
+                        if s.events
+                            .send(Event::Token {
+                                id: t,
+                                logprobs: None,
+                            })
+                            .is_err()
+                        {
+                            gone = true;
+                            break;
+                        }
+                    }
+                    if gone {
+                        finished.push(i);
+                        continue;
+                    }
+                }
             }
             if s.constraint.as_ref().is_some_and(Constraint::is_finished) {
                 s.finish(FinishReason::Stop);

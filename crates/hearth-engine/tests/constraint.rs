@@ -261,3 +261,44 @@ fn tool_call_grammars_agree_with_their_parsers() {
         }
     }
 }
+
+/// Text the grammar fixes is not sampled token by token: it goes through the model as
+/// one chunk. With log-probabilities asked for, every token is sampled.
+#[test]
+fn forced_tokens_skip_sampling() {
+    let model = Arc::new(common::default_model());
+    let (handle, _thread) = spawn(model.clone(), SchedulerConfig::default(), pool()).unwrap();
+    let g = Grammar::Lark(
+        r#"start: "The quick brown fox jumps over the lazy dog, and then " NUM " more times."
+NUM: /[1-9]/"#
+            .into(),
+    );
+    let prefix = "The quick brown fox jumps over the lazy dog, and then ";
+    let steps = || {
+        handle
+            .stats()
+            .steps
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut runs = Vec::new();
+    for logprobs in [None, Some(0)] {
+        let mut r = request(&model, "Count.", Some(&g), 100);
+        r.logprobs = logprobs;
+        let before = steps();
+        let (tokens, end) = collect(handle.submit(r).unwrap());
+        assert_eq!(finished(&end), FinishReason::Stop);
+        let text = model.info.tokenizer.decode(&tokens, true);
+        let digit = text
+            .strip_prefix(prefix)
+            .and_then(|t| t.strip_suffix(" more times."));
+        assert!(digit.is_some_and(|d| d.len() == 1), "{text}");
+        runs.push((steps() - before, tokens.len()));
+    }
+    let (forced_steps, n) = runs[0];
+    assert!(forced_steps <= 6, "{forced_steps} steps for {n} tokens");
+    let (sampled_steps, m) = runs[1];
+    assert!(
+        sampled_steps as usize >= m,
+        "{sampled_steps} steps for {m} tokens"
+    );
+}

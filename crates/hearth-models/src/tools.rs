@@ -156,13 +156,18 @@ impl ToolFormat {
 /// A JSON schema read strictly, as OpenAI's strict mode and xgrammar do: an object
 /// schema that lists `properties` and says nothing of `additionalProperties` allows no
 /// others (without this a small model fills objects with keys nobody asked for), and
-/// `time` / `date-time` strings stop after nine digits of fractional seconds, and
-/// integers without bounds stay within ±2^53−1.
+/// `time` / `date-time` strings stop after nine digits of fractional seconds, hostnames
+/// at 253 bytes, emails come from a plain subset with bounded parts, and integers
+/// without bounds stay within ±2^53−1.
 pub fn strict_schema(schema: &Value) -> Value {
     let mut s = schema.clone();
     make_strict(&mut s, 0);
     s
 }
+
+/// Addresses like `first.last+tag@mail.example.org`: at most 64 bytes before the `@`,
+/// labels of 1–22 characters not starting or ending with `-`.
+const EMAIL_PATTERN: &str = r"^[A-Za-z0-9_%+-]{1,32}(\.[A-Za-z0-9_%+-]{1,15}){0,2}@[A-Za-z0-9]([A-Za-z0-9-]{0,20}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,20}[A-Za-z0-9])?){0,3}\.[A-Za-z]{2,10}$";
 
 fn make_strict(v: &mut Value, depth: usize) {
     if depth > 64 {
@@ -178,8 +183,18 @@ fn make_strict(v: &mut Value, depth: usize) {
             let longest = match obj.get("format").and_then(Value::as_str) {
                 Some("date-time") => Some(35), // 2024-01-02T03:04:05.123456789+05:30
                 Some("time") => Some(24),      // 03:04:05.123456789+05:30
+                Some("hostname") => Some(253), // RFC 1035
                 _ => None,
             };
+            // llguidance's email format bounds no part of the address; validators hold
+            // the local part to 64 bytes (RFC 5321). Generate from a plain subset that
+            // every validator accepts instead.
+            if obj.get("format").and_then(Value::as_str) == Some("email")
+                && !obj.contains_key("pattern")
+            {
+                obj.remove("format");
+                obj.insert("pattern".into(), Value::from(EMAIL_PATTERN));
+            }
             if let Some(n) = longest {
                 obj.entry("maxLength").or_insert(Value::from(n));
             }
@@ -474,15 +489,12 @@ impl ToolParser {
                     return true;
                 }
                 // Could it still become the usual layout?
-                let could = if t.len() <= NAME.len() {
-                    NAME.starts_with(t)
-                } else {
-                    let rest = &t[NAME.len()..];
-                    t.starts_with(NAME)
-                        && match rest.find(['"', '\\']) {
-                            None => true,
-                            Some(c) => rest[c..].starts_with('"') && ARGS.starts_with(&rest[c..]),
-                        }
+                let could = match t.strip_prefix(NAME) {
+                    None => NAME.starts_with(t),
+                    Some(rest) => match rest.find(['"', '\\']) {
+                        None => true,
+                        Some(c) => rest[c..].starts_with('"') && ARGS.starts_with(&rest[c..]),
+                    },
                 };
                 if could && !end {
                     return false;
@@ -776,6 +788,9 @@ mod tests {
             vec![ToolPiece::Args("x\"}".into())]
         );
         assert_eq!(p.finish(), vec![]);
+        // Multi-byte text where the layout is checked (found by fuzzing).
+        let out = run(ToolFormat::Hermes, &["<tool_call>{\"ne22220è"]);
+        assert_eq!(out, vec![ToolPiece::Text("<tool_call>{\"ne22220è".into())]);
         // Another layout is read whole.
         let out = run(
             ToolFormat::Hermes,
