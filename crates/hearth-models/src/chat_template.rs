@@ -306,7 +306,9 @@ mod tests {
     /// turns as they are; one without gets them rewritten in Hermes form.
     #[test]
     fn tools_render_natively_or_in_hermes_form() {
-        let tool = serde_json::json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
+        // Keys in sorted order: serde_json keeps insertion order when another crate of
+        // the workspace turns on `preserve_order`, sorted order otherwise.
+        let tool = serde_json::json!({"function": {"name": "f", "parameters": {"type": "object"}}, "type": "function"});
         let call = serde_json::json!({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}});
         let mut asked = ChatMessage::new("assistant", "");
         asked.tool_calls = Some(vec![call]);
