@@ -122,10 +122,7 @@ impl Constraints {
         if let Some(e) = matcher.get_error() {
             return Err(GrammarError(e));
         }
-        Ok(Constraint {
-            matcher,
-            vocab: self.vocab,
-        })
+        Ok(Constraint { matcher })
     }
 }
 
@@ -151,7 +148,6 @@ pub fn json_layout(schema: &serde_json::Value) -> serde_json::Value {
 /// One sequence's grammar state.
 pub struct Constraint {
     matcher: Matcher,
-    vocab: usize,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -167,7 +163,6 @@ impl Clone for Constraint {
     fn clone(&self) -> Self {
         Self {
             matcher: self.matcher.deep_clone(),
-            vocab: self.vocab,
         }
     }
 }
@@ -203,7 +198,6 @@ impl Constraint {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| GrammarError(e.to_string()))?;
-        debug_assert!(m.len() >= self.vocab.min(m.len()));
         Ok(Mask(m))
     }
 

@@ -487,16 +487,17 @@ impl Scheduler<'_> {
             .iter()
             .map(|(i, r)| self.running[*i].tokens[r.clone()].to_vec())
             .collect();
+        // Only sequences that sample this step need a mask.
+        let samples: Vec<bool> = chosen
+            .iter()
+            .map(|(i, r)| r.end == self.running[*i].tokens.len())
+            .collect();
         let (result, mut masks) = {
             let mut tables = Vec::with_capacity(self.running.len());
             let mut constraints = Vec::with_capacity(self.running.len());
-            for (j, s) in self.running.iter_mut().enumerate() {
-                // Only sequences that sample this step need a mask.
-                let samples = chosen
-                    .iter()
-                    .any(|(i, r)| *i == j && r.end == s.tokens.len());
+            for s in self.running.iter_mut() {
                 tables.push(Some(&mut s.table));
-                constraints.push(s.constraint.as_mut().filter(|_| samples));
+                constraints.push(s.constraint.as_mut());
             }
             let mut items: Vec<BatchItem> = chosen
                 .iter()
@@ -509,6 +510,7 @@ impl Scheduler<'_> {
             let wanted: Vec<(usize, &mut Constraint)> = chosen
                 .iter()
                 .enumerate()
+                .filter(|(k, _)| samples[*k])
                 .filter_map(|(k, (i, _))| constraints[*i].take().map(|c| (k, c)))
                 .collect();
             let (model, cache) = (&self.model.model, &mut self.cache);
@@ -517,13 +519,15 @@ impl Scheduler<'_> {
             } else {
                 // Masks for this step's samples, computed while the model runs.
                 let stats = &self.stats;
+                let n = chosen.len();
                 std::thread::scope(|scope| {
                     let masker = scope.spawn(move || {
                         let t = std::time::Instant::now();
-                        let masks = wanted
-                            .into_iter()
-                            .map(|(k, c)| (k, c.mask()))
-                            .collect::<Vec<_>>();
+                        let mut masks: Vec<Option<Result<Mask, GrammarError>>> =
+                            (0..n).map(|_| None).collect();
+                        for (k, c) in wanted {
+                            masks[k] = Some(c.mask());
+                        }
                         let us = t.elapsed().as_micros() as u64;
                         stats.mask_micros.fetch_add(us, Relaxed);
                         masks
@@ -557,11 +561,10 @@ impl Scheduler<'_> {
         };
         let mut finished = Vec::new();
         let mut mask_of = |k: usize| -> Result<Mask, GrammarError> {
-            let at = masks.iter().position(|(m, _)| *m == k);
-            match at.map(|at| masks.swap_remove(at).1) {
-                Some(r) => r,
-                None => Err(GrammarError("the token mask was not computed".into())),
-            }
+            masks
+                .get_mut(k)
+                .and_then(Option::take)
+                .unwrap_or_else(|| Err(GrammarError("the token mask was not computed".into())))
         };
         for (k, ((i, input), mut l)) in chosen.into_iter().zip(logits).enumerate() {
             let s = &mut self.running[i];
