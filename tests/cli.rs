@@ -340,6 +340,14 @@ fn serve_and_its_load_generator_refuse_bad_settings_clearly() {
         "0",
     ]);
     assert_clean_error(&o, &["--concurrency"]);
+    // --extra must be a JSON object: clap refuses anything else before any request.
+    for bad in ["[1]", "{x", ""] {
+        let o = hearth(&["bench", "serve", "--extra", bad]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.starts_with("error: invalid value") && err.contains("--extra"), "{err}");
+    }
     drop(taken);
     // Nothing listens there any more.
     let o = hearth(&[
