@@ -346,7 +346,10 @@ fn serve_and_its_load_generator_refuse_bad_settings_clearly() {
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(!err.contains("panicked"), "{err}");
-        assert!(err.starts_with("error: invalid value") && err.contains("--extra"), "{err}");
+        assert!(
+            err.starts_with("error: invalid value") && err.contains("--extra"),
+            "{err}"
+        );
     }
     drop(taken);
     // Nothing listens there any more.
