@@ -1,6 +1,7 @@
 //! `hearth`: the command line. Parses flags into typed configs and hands them to the
 //! library crates; errors become one line on stderr and a non-zero exit.
 
+mod admin;
 mod bench;
 mod http_client;
 mod loadgen;
@@ -29,6 +30,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Manage the API keys file: add, list, revoke.
+    Keys(admin::KeysArgs),
+    /// Check the audit log's hash chain.
+    Audit(admin::AuditArgs),
 }
 
 /// Flags shared by every command that loads a model.
@@ -80,6 +85,9 @@ fn compute_pool(command: &Command) -> anyhow::Result<rayon::ThreadPool> {
         Command::Run(a) => a.model_args(),
         Command::Bench(a) => a.model_args(),
         Command::Serve(a) => a.model_args(),
+        Command::Keys(_) | Command::Audit(_) => {
+            return Ok(rayon::ThreadPoolBuilder::new().num_threads(1).build()?)
+        }
     };
     let threads = model_args.threads()?;
     // candle's CPU kernels size their work by RAYON_NUM_THREADS; set it before the first
@@ -101,6 +109,8 @@ fn main() {
         )
         .init();
     let result = compute_pool(&cli.command).and_then(|pool| match cli.command {
+        Command::Keys(args) => admin::keys(args),
+        Command::Audit(args) => admin::audit(args),
         // The server's scheduler thread runs its steps on the pool itself.
         Command::Serve(args) => serve::serve(args, pool),
         Command::Bench(bench::BenchArgs {
@@ -113,7 +123,9 @@ fn main() {
         command => pool.install(|| match command {
             Command::Run(args) => run::run(args),
             Command::Bench(args) => bench::bench(args),
-            Command::Serve(_) => unreachable!("served above"),
+            Command::Serve(_) | Command::Keys(_) | Command::Audit(_) => {
+                unreachable!("run above")
+            }
         }),
     });
     if let Err(e) = result {

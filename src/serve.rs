@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use hearth_engine::scheduler::{self, SchedulerConfig};
 use hearth_engine::LoadedModel;
-use hearth_server::{AppState, Engine, ServerConfig};
+use hearth_server::{AppState, AuditConfig, AuditLog, Engine, Policy, RequestLimits, ServerConfig};
 
 use crate::ModelArgs;
 
@@ -43,6 +44,45 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// A keys file (TOML, managed with `hearth keys`): named keys stored as hashes, with
+    /// the models each may use and its limits. Reread on SIGHUP.
+    #[arg(long, env = "HEARTH_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+    /// Append one hash-chained JSON line per request to this file.
+    #[arg(long, env = "HEARTH_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Also record prompt and completion text in the audit log.
+    #[arg(long, requires = "audit_log")]
+    audit_content: bool,
+    /// When audit lines are forced to disk: always, never, or an interval (1s, 200ms).
+    #[arg(long, default_value = "1s", requires = "audit_log")]
+    audit_fsync: hearth_server::Fsync,
+    /// Rotate the audit log when it reaches this many MiB (the chain continues).
+    #[arg(long, requires = "audit_log")]
+    audit_max_mb: Option<u64>,
+    /// Serve HTTPS: the certificate chain (PEM), with --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM), with --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Seconds a connection has to send a request's headers (and finish its TLS
+    /// handshake), also after idling between requests.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a request has to send its whole body.
+    #[arg(long, default_value_t = 30)]
+    body_timeout: u64,
+    /// Largest request body, in KiB.
+    #[arg(long, default_value_t = 4096)]
+    max_body_kb: usize,
+    /// Longest prompt accepted, in tokens (default: the model's context).
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Most tokens a request may generate per choice; also the default when a request
+    /// sets no max_tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
 }
 
 impl ServeArgs {
@@ -98,12 +138,55 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
     if keys.iter().any(String::is_empty) {
         anyhow::bail!("an empty --api-key is not allowed");
     }
-    let state = AppState::new(served.clone(), &keys);
+    let secs = |name: &str, s: u64| {
+        if s == 0 {
+            anyhow::bail!("--{name} must be at least 1 second");
+        }
+        Ok(Duration::from_secs(s))
+    };
+    if args.max_body_kb == 0 || args.max_prompt_tokens == Some(0) || args.max_tokens == Some(0) {
+        anyhow::bail!("--max-body-kb, --max-prompt-tokens and --max-tokens must be at least 1");
+    }
+    let limits = RequestLimits {
+        max_body_bytes: args.max_body_kb.saturating_mul(1024),
+        body_timeout: secs("body-timeout", args.body_timeout)?,
+        max_prompt_tokens: args.max_prompt_tokens,
+        max_tokens: args.max_tokens,
+    };
+    let audit = match &args.audit_log {
+        Some(path) => Some(
+            AuditLog::open(AuditConfig {
+                path: path.clone(),
+                fsync: args.audit_fsync,
+                max_bytes: args
+                    .audit_max_mb
+                    .map(|mb| mb.saturating_mul(1 << 20).max(1)),
+                content: args.audit_content,
+            })
+            .map_err(anyhow::Error::msg)
+            .context("cannot open the audit log")?,
+        ),
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(hearth_server::tls_acceptor(cert, key).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let policy = Policy {
+        plain_keys: keys,
+        keys_file: args.api_keys_file.clone(),
+        audit,
+        limits,
+    };
+    let state = AppState::new(served.clone(), policy).map_err(anyhow::Error::msg)?;
     let config = ServerConfig {
         addr: SocketAddr::new(args.host, args.port),
-        served_model: served,
-        api_keys: keys,
         shutdown_grace: Duration::from_secs(args.shutdown_timeout),
+        tls,
+        header_timeout: secs("header-timeout", args.header_timeout)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -152,12 +235,13 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
 
     let addr = config.addr;
     runtime
-        .block_on(hearth_server::serve(config, state, |bound| {
-            println!("hearth: listening on http://{bound}");
+        .block_on(hearth_server::serve(config, state.clone(), |bound| {
+            println!("hearth: listening on {scheme}://{bound}");
             let _ = std::io::stdout().flush();
         }))
         .with_context(|| format!("cannot serve on {addr}"))?;
     // In-flight work past the grace period is abandoned with the runtime.
     runtime.shutdown_timeout(Duration::from_millis(100));
+    state.close_audit();
     Ok(())
 }

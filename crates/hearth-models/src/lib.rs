@@ -6,6 +6,7 @@
 //! file is bounds-checked: bad files give errors that name the file and the problem.
 
 pub mod chat_template;
+pub mod clock;
 pub mod config;
 pub mod gguf;
 pub mod locate;

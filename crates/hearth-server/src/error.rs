@@ -119,6 +119,42 @@ impl ApiError {
         }
     }
 
+    /// 403: the key may not use the served model.
+    pub fn model_forbidden(key: &str, model: &str) -> Self {
+        Self {
+            code: Some("model_not_allowed"),
+            ..Self::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                format!("The API key `{key}` may not use the model `{model}`."),
+            )
+        }
+    }
+
+    /// 429: a key's limit is reached.
+    pub fn rate_limited(message: String, retry_after: u64) -> Self {
+        Self {
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(retry_after.min(u64::from(u32::MAX)) as u32),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "requests", message)
+        }
+    }
+
+    /// 408: the body did not arrive within the body timeout.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self {
+            code: Some("request_timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "The request body did not arrive within {} s.",
+                    limit.as_secs_f64()
+                ),
+            )
+        }
+    }
+
     /// 503: not ready yet, or shutting down.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {
@@ -149,9 +185,15 @@ impl ApiError {
     }
 }
 
+/// A response extension naming the error an [`ApiError`] became (for the audit log).
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = (self.status, axum::Json(self.body())).into_response();
+        res.extensions_mut()
+            .insert(ErrorCode(self.code.unwrap_or(self.kind)));
         if let Some(secs) = self.retry_after {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -5,28 +5,37 @@
 //! The listener is up before the model is loaded: `/health` answers at once, `/ready`
 //! and the generation endpoints say 503 until the engine is there.
 
+pub mod audit;
 mod choice;
 mod error;
+mod gate;
+pub mod keys;
+mod listen;
 mod metrics;
 mod request;
 mod routes;
 mod structured;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use hearth_engine::{LoadedModel, SchedulerHandle};
 
+pub use audit::{AuditConfig, AuditLog, Fsync};
 pub use error::ApiError;
+pub use gate::RequestCtx;
+pub use keys::{KeyStore, KeysFile};
+pub use listen::tls_acceptor;
 pub use metrics::proc_bytes;
+pub use tokio_rustls::TlsAcceptor;
 
 /// Fuzzing entry: runs request bytes through every parser and check a handler would
 /// (structured output and tools included), and the stop-sequence and tool-call parsers
@@ -69,7 +78,7 @@ pub fn fuzz_request(data: &[u8]) {
     }
 }
 
-/// Largest request body accepted.
+/// Largest request body accepted by default.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 const FINGERPRINT: &str = concat!("hearth-", env!("CARGO_PKG_VERSION"));
@@ -80,101 +89,123 @@ pub struct Engine {
     pub scheduler: SchedulerHandle,
 }
 
-/// How the server is set up.
-#[derive(Clone, Debug)]
+/// How the listener is set up.
 pub struct ServerConfig {
     pub addr: SocketAddr,
-    /// The model's name in the API.
-    pub served_model: String,
-    /// Accepted API keys; empty = no authentication.
-    pub api_keys: Vec<String>,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Serve HTTPS with this acceptor.
+    pub tls: Option<TlsAcceptor>,
+    /// A connection must deliver a request's headers (and its TLS handshake) within this
+    /// long, also after idling between requests.
+    pub header_timeout: Duration,
+}
+
+/// Bounds on what one request may ask.
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    pub max_body_bytes: usize,
+    /// The whole body must arrive within this long (else 408).
+    pub body_timeout: Duration,
+    /// Longest prompt accepted, in tokens (the context length applies anyway).
+    pub max_prompt_tokens: Option<usize>,
+    /// Most tokens one request may generate per choice; also the default `max_tokens`.
+    pub max_tokens: Option<usize>,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: MAX_BODY_BYTES,
+            body_timeout: Duration::from_secs(30),
+            max_prompt_tokens: None,
+            max_tokens: None,
+        }
+    }
+}
+
+/// Who may call, what is recorded, what a request may ask.
+#[derive(Default)]
+pub struct Policy {
+    /// Plain keys (`--api-key`, `HEARTH_API_KEYS`).
+    pub plain_keys: Vec<String>,
+    /// The keys file (`--api-keys-file`), reread on SIGHUP.
+    pub keys_file: Option<PathBuf>,
+    pub audit: Option<AuditLog>,
+    pub limits: RequestLimits,
 }
 
 /// Everything the handlers share.
 pub struct AppState {
     engine: OnceLock<Engine>,
     served_model: String,
-    api_keys: Vec<Vec<u8>>,
+    keys: RwLock<Arc<KeyStore>>,
+    plain_keys: Vec<String>,
+    keys_file: Option<PathBuf>,
+    limiter: Arc<keys::Limiter>,
+    audit: Option<Arc<AuditLog>>,
+    limits: RequestLimits,
     metrics: metrics::Metrics,
     draining: AtomicBool,
     created: u64,
 }
 
 impl AppState {
-    pub fn new(served_model: String, api_keys: &[String]) -> Arc<Self> {
-        Arc::new(Self {
+    /// The state for serving `served_model` under `policy`; reads the keys file (errors
+    /// name it).
+    pub fn new(served_model: String, policy: Policy) -> Result<Arc<Self>, String> {
+        let store = Self::read_keys(policy.keys_file.as_deref(), &policy.plain_keys)?;
+        Ok(Arc::new(Self {
             engine: OnceLock::new(),
             served_model,
-            api_keys: api_keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            keys: RwLock::new(Arc::new(store)),
+            plain_keys: policy.plain_keys,
+            keys_file: policy.keys_file,
+            limiter: Arc::default(),
+            audit: policy.audit.map(Arc::new),
+            limits: policy.limits,
             metrics: metrics::Metrics::default(),
             draining: AtomicBool::new(false),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-        })
+        }))
+    }
+
+    fn read_keys(file: Option<&std::path::Path>, plain: &[String]) -> Result<KeyStore, String> {
+        let parsed = match file {
+            Some(p) => Some(KeysFile::read(p).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(KeyStore::new(parsed.as_ref(), plain))
+    }
+
+    /// The keys in force now.
+    pub fn keys(&self) -> Arc<KeyStore> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Rereads the keys file and swaps the key set whole; on an error the old set stays.
+    /// Requests in flight keep the identity they were admitted with. Returns the number
+    /// of keys now known.
+    pub fn reload_keys(&self) -> Result<usize, String> {
+        let store = Self::read_keys(self.keys_file.as_deref(), &self.plain_keys)?;
+        let n = store.len();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store);
+        Ok(n)
     }
 
     /// Makes the engine available; `/ready` turns 200.
     pub fn set_engine(&self, engine: Engine) {
         let _ = self.engine.set(engine);
     }
-}
 
-/// Equal, in time that depends only on the lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
-}
-
-/// Whether `presented` is one of `keys`; every key is compared, match or not.
-fn key_matches(keys: &[Vec<u8>], presented: &[u8]) -> bool {
-    keys.iter()
-        .fold(false, |found, k| constant_time_eq(k, presented) | found)
-}
-
-/// The endpoint label for metrics (a fixed set, so labels cannot grow without bound).
-fn endpoint_label(path: &str) -> &'static str {
-    match path {
-        "/v1/chat/completions" => "chat_completions",
-        "/v1/completions" => "completions",
-        "/health" => "health",
-        "/ready" => "ready",
-        "/metrics" => "metrics",
-        p if p == "/v1/models" || p.starts_with("/v1/models/") => "models",
-        _ => "other",
-    }
-}
-
-/// API keys (all but /health and /ready), then counting the response by status.
-async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_owned();
-    let open = path == "/health" || path == "/ready";
-    let response = if !open && !state.api_keys.is_empty() {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or(v.strip_prefix("bearer ")))
-            .map(str::trim);
-        match presented {
-            None => ApiError::unauthorized(true).into_response(),
-            Some(k) if !key_matches(&state.api_keys, k.as_bytes()) => {
-                ApiError::unauthorized(false).into_response()
-            }
-            Some(_) => next.run(req).await,
+    /// Writes out the audit records still queued and stops the audit writer.
+    pub fn close_audit(&self) {
+        if let Some(a) = &self.audit {
+            a.close();
         }
-    } else {
-        next.run(req).await
-    };
-    state
-        .metrics
-        .count_request(endpoint_label(&path), response.status().as_u16());
-    response
+    }
 }
 
 async fn health() -> impl IntoResponse {
@@ -228,8 +259,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            gate::gate,
+        ))
         .with_state(state)
 }
 
@@ -255,6 +289,26 @@ async fn shutdown_signal() {
     }
 }
 
+/// Rereads the keys file on each SIGHUP, for as long as the server runs.
+fn reload_on_hangup(state: Arc<AppState>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; keys are read at start only");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match state.reload_keys() {
+                Ok(n) => tracing::warn!("SIGHUP: keys reloaded ({n} keys)"),
+                Err(e) => tracing::error!("SIGHUP: keys not reloaded, the old ones stay: {e}"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = state;
+}
+
 /// Serves until SIGINT/SIGTERM: then stops accepting, lets in-flight requests finish
 /// within `shutdown_grace`, and returns. `on_bound` gets the bound address (port 0 picks
 /// a free one).
@@ -265,21 +319,24 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     on_bound(listener.local_addr()?);
-    // Each streamed token goes out at once, not held back by Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
+    if state.keys_file.is_some() {
+        reload_on_hangup(state.clone());
+    }
     let app = router(state.clone());
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
     let drain_state = state.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        drain_state.draining.store(true, Relaxed);
-        tracing::info!("shutting down: no new requests, finishing in-flight ones");
-        let _ = signalled_tx.send(true);
-    });
+    let server = listen::accept_loop(
+        listener,
+        config.tls,
+        app,
+        config.header_timeout,
+        async move {
+            shutdown_signal().await;
+            drain_state.draining.store(true, Relaxed);
+            tracing::info!("shutting down: no new requests, finishing in-flight ones");
+            let _ = signalled_tx.send(true);
+        },
+    );
     let grace = config.shutdown_grace;
     let deadline = async move {
         let mut rx = signalled_rx;
@@ -287,25 +344,10 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        r = server => r,
+        () = server => {},
         _ = deadline => {
             tracing::warn!("shutdown grace period over; cancelling in-flight requests");
-            Ok(())
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_compare_whole() {
-        let keys = vec![b"secret-one".to_vec(), b"secret-two".to_vec()];
-        assert!(key_matches(&keys, b"secret-two"));
-        assert!(!key_matches(&keys, b"secret-tw"));
-        assert!(!key_matches(&keys, b"secret-twO"));
-        assert!(!key_matches(&keys, b""));
-        assert!(!key_matches(&[], b"x"));
-    }
+    Ok(())
 }

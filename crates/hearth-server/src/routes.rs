@@ -10,6 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use futures_util::future::try_join_all;
 use hearth_engine::scheduler::{Event, Request, SubmitError};
@@ -22,7 +23,7 @@ use crate::choice::{ChoiceText, Release, TokenInfo};
 use crate::error::{ApiError, JsonObject};
 use crate::request::{ChatFields, CommonFields, CompletionFields, Generation, PromptInput};
 use crate::structured;
-use crate::{AppState, Engine};
+use crate::{AppState, Engine, RequestCtx};
 
 /// Tokens a text completion produces when the client sets no limit (OpenAI's default).
 const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
@@ -55,15 +56,31 @@ fn model_object(state: &AppState) -> Value {
     })
 }
 
-pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({ "object": "list", "data": [model_object(&state)] }))
+/// The request's context (set by the gate for every routed request).
+type Ctx = Option<Extension<Arc<RequestCtx>>>;
+
+/// Whether the request's key may use the served model (no key: yes).
+fn allowed(state: &AppState, ctx: &Ctx) -> bool {
+    ctx.as_ref()
+        .and_then(|c| c.identity.as_ref())
+        .is_none_or(|i| i.may_use(&state.served_model))
+}
+
+pub async fn list_models(State(state): State<Arc<AppState>>, ctx: Ctx) -> Json<Value> {
+    let data: Vec<Value> = if allowed(&state, &ctx) {
+        vec![model_object(&state)]
+    } else {
+        Vec::new()
+    };
+    Json(json!({ "object": "list", "data": data }))
 }
 
 pub async fn get_model(
     State(state): State<Arc<AppState>>,
+    ctx: Ctx,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if id != state.served_model {
+    if id != state.served_model || !allowed(&state, &ctx) {
         return Err(ApiError::model_not_found(&id));
     }
     Ok(Json(model_object(&state)))
@@ -115,9 +132,10 @@ fn begin<'s>(
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    ctx: Ctx,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let received = Instant::now();
+    let origin = Origin::new(ctx, &body, "messages");
     let (common, engine) = begin(&state, &body, "chat/completions")?;
     let chat = ChatFields::parse(&body)?;
     let info = &engine.model.info;
@@ -175,7 +193,30 @@ pub async fn chat_completions(
         constraint,
         tool_format,
     };
-    run(state.clone(), Kind::Chat, gen, prompts, out, received).await
+    run(state.clone(), Kind::Chat, gen, prompts, out, origin).await
+}
+
+/// Where a request came from: when, its gate context, and (for the audit log with
+/// `--audit-content`) its prompt as sent.
+struct Origin {
+    received: Instant,
+    ctx: Option<Arc<RequestCtx>>,
+    prompt: Option<Value>,
+}
+
+impl Origin {
+    fn new(ctx: Ctx, body: &Value, prompt_field: &str) -> Self {
+        let ctx = ctx.map(|Extension(c)| c);
+        let prompt = ctx
+            .as_ref()
+            .filter(|c| c.wants_content())
+            .map(|_| body.get(prompt_field).cloned().unwrap_or(Value::Null));
+        Self {
+            received: Instant::now(),
+            ctx,
+            prompt,
+        }
+    }
 }
 
 /// What shapes a request's output: the compiled grammar, and the tool-call format to
@@ -202,9 +243,10 @@ fn compile(
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    ctx: Ctx,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let received = Instant::now();
+    let origin = Origin::new(ctx, &body, "prompt");
     let (common, engine) = begin(&state, &body, "completions")?;
     let fields = CompletionFields::parse(&body)?;
     let info = &engine.model.info;
@@ -230,7 +272,7 @@ pub async fn completions(
         constraint,
         tool_format: None,
     };
-    run(state.clone(), Kind::Completion, gen, prompts, out, received).await
+    run(state.clone(), Kind::Completion, gen, prompts, out, origin).await
 }
 
 /// Runs `f` on tokio's blocking pool.
@@ -299,6 +341,7 @@ struct Job {
     logprobs: bool,
     include_usage: bool,
     received: Instant,
+    ctx: Option<Arc<RequestCtx>>,
     /// Tool calls are read out of the reply in this format.
     tool_format: Option<ToolFormat>,
 }
@@ -309,9 +352,10 @@ async fn run(
     gen: Generation,
     prompts: Vec<PromptJob>,
     out: Output,
-    received: Instant,
+    origin: Origin,
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
+    let bounds = &state.limits;
     let ctx = engine.scheduler.context_length();
     let max_param = gen.max_tokens_param;
     let prompt_param = if kind == Kind::Chat {
@@ -329,6 +373,12 @@ async fn run(
                 "The prompt is empty.",
             ));
         }
+        if let Some(most) = bounds.max_prompt_tokens.filter(|&m| n > m) {
+            return Err(ApiError::context_length(
+                format!("This server accepts prompts of at most {most} tokens. However, your {prompt_param} resulted in {n} tokens. Please reduce the length of the {prompt_param}."),
+                prompt_param,
+            ));
+        }
         if n >= ctx {
             return Err(ApiError::context_length(
                 format!("This model's maximum context length is {ctx} tokens. However, your {prompt_param} resulted in {n} tokens. Please reduce the length of the {prompt_param}."),
@@ -336,6 +386,15 @@ async fn run(
             ));
         }
         let max = match gen.max_tokens {
+            Some(m) if bounds.max_tokens.is_some_and(|most| m > most) => {
+                return Err(ApiError::invalid(
+                    Some(max_param),
+                    format!(
+                        "Invalid '{max_param}': this server generates at most {} tokens per request; {m} were asked for.",
+                        bounds.max_tokens.unwrap_or(0)
+                    ),
+                ));
+            }
             Some(m) if n + m > ctx => {
                 return Err(ApiError::context_length(
                     format!("This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({n} in the {prompt_param}, {m} in the completion). Please reduce the length of the {prompt_param} or completion.", n + m),
@@ -346,6 +405,7 @@ async fn run(
             None if kind == Kind::Completion => COMPLETION_DEFAULT_MAX_TOKENS.min(ctx - n),
             None => ctx - n,
         };
+        let max = bounds.max_tokens.map_or(max, |most| max.min(most));
         limits.push(max);
     }
     let choices = prompts.len() * gen.params.len();
@@ -395,9 +455,19 @@ async fn run(
         stop: gen.stop.clone(),
         logprobs: gen.logprobs.is_some(),
         include_usage: gen.include_usage,
-        received,
+        received: origin.received,
+        ctx: origin.ctx.clone(),
         tool_format: out.tool_format,
     });
+    if let Some(c) = &origin.ctx {
+        c.begin(
+            &state.served_model,
+            gen.stream,
+            choices,
+            prompt_tokens,
+            || origin.prompt.unwrap_or(Value::Null),
+        );
+    }
     state
         .metrics
         .prompt_tokens
@@ -414,6 +484,7 @@ async fn run(
 /// sequence if it is still running (a stop sequence was found, or the client left).
 async fn drive_choice(
     job: &Job,
+    index: usize,
     mut rx: UnboundedReceiver<Event>,
     mut emit: impl FnMut(Release) -> bool,
 ) -> Result<(&'static str, usize), ApiError> {
@@ -446,6 +517,9 @@ async fn drive_choice(
                 last = Some(now);
                 generated += 1;
                 let r = text.push(tokenizer, id, logprobs.as_ref());
+                if let Some(c) = &job.ctx {
+                    c.token(index, &r.text);
+                }
                 let stopped = r.stopped;
                 if !emit(r) {
                     return Ok(("stop", generated));
@@ -456,6 +530,9 @@ async fn drive_choice(
             }
             Event::Finished { reason, .. } => {
                 let r = text.finish();
+                if let Some(c) = &job.ctx {
+                    c.text(index, &r.text);
+                }
                 let stopped = r.stopped;
                 emit(r);
                 let finish = match reason {
@@ -493,27 +570,31 @@ async fn whole_response(
     echoes: Vec<Option<String>>,
     prompt_tokens: usize,
 ) -> Result<Response, ApiError> {
-    let runs = receivers.into_iter().zip(echoes).map(|(rx, echo)| {
-        let job = job.clone();
-        async move {
-            let mut text = echo.unwrap_or_default();
-            let echo_len = text.len();
-            let mut tokens = Vec::new();
-            let (finish, completion_tokens) = drive_choice(&job, rx, |r| {
-                text.push_str(&r.text);
-                tokens.extend(r.tokens);
-                true
-            })
-            .await?;
-            Ok::<_, ApiError>(ChoiceResult {
-                text,
-                echo_len,
-                tokens,
-                finish,
-                completion_tokens,
-            })
-        }
-    });
+    let runs = receivers
+        .into_iter()
+        .zip(echoes)
+        .enumerate()
+        .map(|(index, (rx, echo))| {
+            let job = job.clone();
+            async move {
+                let mut text = echo.unwrap_or_default();
+                let echo_len = text.len();
+                let mut tokens = Vec::new();
+                let (finish, completion_tokens) = drive_choice(&job, index, rx, |r| {
+                    text.push_str(&r.text);
+                    tokens.extend(r.tokens);
+                    true
+                })
+                .await?;
+                Ok::<_, ApiError>(ChoiceResult {
+                    text,
+                    echo_len,
+                    tokens,
+                    finish,
+                    completion_tokens,
+                })
+            }
+        });
     // The first failure drops the other choices, which cancels them.
     let results: Vec<ChoiceResult> = try_join_all(runs).await?;
     let completion_tokens: usize = results.iter().map(|r| r.completion_tokens).sum();
@@ -521,31 +602,12 @@ async fn whole_response(
     let choices: Vec<Value> = results
         .iter()
         .enumerate()
-        .map(|(i, r)| match job.kind {
-            Kind::Chat => {
-                let mut message = json!({"role": "assistant", "content": r.text, "refusal": null});
-                let mut finish = r.finish;
-                if let Some(format) = job.tool_format {
-                    let (content, calls) = split_tool_calls(format, &r.text);
-                    if !calls.is_empty() {
-                        message["content"] = (!content.is_empty()).then_some(content).into();
-                        message["tool_calls"] = calls.iter().map(tool_call_json).collect();
-                        finish = tool_finish(finish);
-                    }
-                }
-                json!({
-                    "index": i,
-                    "message": message,
-                    "logprobs": job.logprobs.then(|| chat_logprobs(&r.tokens)),
-                    "finish_reason": finish,
-                })
+        .map(|(i, r)| {
+            let (choice, finish) = whole_choice(&job, i, r);
+            if let Some(c) = &job.ctx {
+                c.finish(i, finish);
             }
-            Kind::Completion => json!({
-                "index": i,
-                "text": r.text,
-                "logprobs": job.logprobs.then(|| completion_logprobs(&r.tokens, r.echo_len)),
-                "finish_reason": r.finish,
-            }),
+            choice
         })
         .collect();
     let object = match job.kind {
@@ -563,6 +625,40 @@ async fn whole_response(
         "usage": usage(prompt_tokens, completion_tokens),
     }))
     .into_response())
+}
+
+/// One choice of a whole reply, and its finish reason.
+fn whole_choice(job: &Job, i: usize, r: &ChoiceResult) -> (Value, &'static str) {
+    match job.kind {
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": r.text, "refusal": null});
+            let mut finish = r.finish;
+            if let Some(format) = job.tool_format {
+                let (content, calls) = split_tool_calls(format, &r.text);
+                if !calls.is_empty() {
+                    message["content"] = (!content.is_empty()).then_some(content).into();
+                    message["tool_calls"] = calls.iter().map(tool_call_json).collect();
+                    finish = tool_finish(finish);
+                }
+            }
+            let choice = json!({
+                "index": i,
+                "message": message,
+                "logprobs": job.logprobs.then(|| chat_logprobs(&r.tokens)),
+                "finish_reason": finish,
+            });
+            (choice, finish)
+        }
+        Kind::Completion => {
+            let choice = json!({
+                "index": i,
+                "text": r.text,
+                "logprobs": job.logprobs.then(|| completion_logprobs(&r.tokens, r.echo_len)),
+                "finish_reason": r.finish,
+            });
+            (choice, r.finish)
+        }
+    }
 }
 
 /// A whole reply read for tool calls: its text and its calls.
@@ -806,7 +902,7 @@ fn stream_response(
             }
             let mut tools = job.tool_format.map(ToolParser::new);
             let mut calls = 0;
-            let drive = drive_choice(&job, events, |r| {
+            let drive = drive_choice(&job, index, events, |r| {
                 if r.text.is_empty() && r.tokens.is_empty() {
                     return !tx.is_closed();
                 }
@@ -828,6 +924,9 @@ fn stream_response(
                         if calls > 0 {
                             finish = tool_finish(finish);
                         }
+                    }
+                    if let Some(c) = &job.ctx {
+                        c.finish(index, finish);
                     }
                     tx.send(sse(&job.finish_chunk(index, finish))).ok()?;
                     Some(completion_tokens)

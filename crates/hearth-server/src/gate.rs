@@ -1,0 +1,322 @@
+//! What every request passes before a handler: its key (who, which models), its key's
+//! limits, and its body read within the body timeout; and what it leaves behind: one
+//! audit record and its tokens charged to its key, written when the request is over
+//! (for a stream, when the last token went out or the client left).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::audit::AuditLog;
+use crate::error::{ApiError, ErrorCode};
+use crate::keys::{Identity, Limiter, Lookup, Permit};
+use crate::AppState;
+
+/// One request's identity and what it came to, shared by the gate and the handler.
+pub struct RequestCtx {
+    pub identity: Option<Arc<Identity>>,
+    permit: Mutex<Option<Permit>>,
+    client: Option<SocketAddr>,
+    method: Method,
+    path: String,
+    started: Instant,
+    time: SystemTime,
+    fill: Mutex<Fill>,
+    limiter: Arc<Limiter>,
+    audit: Option<Arc<AuditLog>>,
+}
+
+#[derive(Default)]
+struct Fill {
+    status: u16,
+    error: Option<&'static str>,
+    model: Option<String>,
+    stream: bool,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    /// One per choice; `None` until it finishes (a choice left unfinished was cancelled).
+    finishes: Vec<Option<&'static str>>,
+    prompt: Option<Value>,
+    completions: Vec<String>,
+}
+
+impl RequestCtx {
+    /// Whether prompt and completion text go into the audit log.
+    pub fn wants_content(&self) -> bool {
+        self.audit.as_ref().is_some_and(|a| a.content)
+    }
+
+    fn fill(&self) -> std::sync::MutexGuard<'_, Fill> {
+        self.fill.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The request was accepted for generation: its model, shape and prompt.
+    pub fn begin(
+        &self,
+        model: &str,
+        stream: bool,
+        choices: usize,
+        prompt_tokens: usize,
+        prompt: impl FnOnce() -> Value,
+    ) {
+        let content = self.wants_content();
+        let mut f = self.fill();
+        f.model = Some(model.to_owned());
+        f.stream = stream;
+        f.prompt_tokens = prompt_tokens as u64;
+        f.finishes = vec![None; choices];
+        if content {
+            f.prompt = Some(prompt());
+            f.completions = vec![String::new(); choices];
+        }
+    }
+
+    /// Choice `index` produced a token whose text is `text` (kept only with
+    /// `--audit-content`).
+    pub fn token(&self, index: usize, text: &str) {
+        let content = self.wants_content();
+        let mut f = self.fill();
+        f.completion_tokens += 1;
+        if content {
+            if let Some(c) = f.completions.get_mut(index) {
+                c.push_str(text);
+            }
+        }
+    }
+
+    /// Text choice `index` released at its end (held back until then; kept only with
+    /// `--audit-content`).
+    pub fn text(&self, index: usize, text: &str) {
+        if !self.wants_content() || text.is_empty() {
+            return;
+        }
+        if let Some(c) = self.fill().completions.get_mut(index) {
+            c.push_str(text);
+        }
+    }
+
+    /// Choice `index` ended with `finish`.
+    pub fn finish(&self, index: usize, finish: &'static str) {
+        if let Some(slot) = self.fill().finishes.get_mut(index) {
+            *slot = Some(finish);
+        }
+    }
+
+    fn audited(&self, status: u16) -> bool {
+        self.path.starts_with("/v1/") || matches!(status, 401 | 403 | 408 | 413 | 429)
+    }
+
+    fn record(&self, f: &Fill) -> Map<String, Value> {
+        let finishes: Vec<&str> = f
+            .finishes
+            .iter()
+            .map(|x| x.unwrap_or("cancelled"))
+            .collect();
+        let mut r = Map::new();
+        r.insert(
+            "time".into(),
+            hearth_models::clock::rfc3339_millis(self.time).into(),
+        );
+        r.insert(
+            "key".into(),
+            self.identity.as_ref().map(|i| i.name.clone()).into(),
+        );
+        r.insert("client".into(), self.client.map(|c| c.to_string()).into());
+        r.insert("method".into(), self.method.as_str().into());
+        r.insert("endpoint".into(), self.path.clone().into());
+        r.insert("model".into(), f.model.clone().into());
+        r.insert("status".into(), f.status.into());
+        if let Some(e) = f.error {
+            r.insert("error".into(), e.into());
+        }
+        r.insert("stream".into(), f.stream.into());
+        r.insert("prompt_tokens".into(), f.prompt_tokens.into());
+        r.insert("completion_tokens".into(), f.completion_tokens.into());
+        let ms = (self.started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
+        r.insert("latency_ms".into(), json!(ms));
+        r.insert("finish_reasons".into(), finishes.into());
+        if let Some(p) = &f.prompt {
+            r.insert("prompt".into(), p.clone());
+            r.insert("completions".into(), f.completions.clone().into());
+        }
+        r
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        let f = std::mem::take(&mut *self.fill());
+        if let Some(who) = &self.identity {
+            self.limiter
+                .charge(who, f.prompt_tokens + f.completion_tokens, Instant::now());
+        }
+        // Its concurrency place is free once it is over.
+        self.permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(audit) = &self.audit {
+            if self.audited(f.status) {
+                audit.record(self.record(&f));
+            }
+        }
+    }
+}
+
+/// Whether `path` is a generation endpoint (limits apply to these).
+fn generates(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
+    )
+}
+
+/// The endpoint label for metrics (a fixed set, so labels cannot grow without bound).
+pub fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "chat_completions",
+        "/v1/completions" => "completions",
+        "/health" => "health",
+        "/ready" => "ready",
+        "/metrics" => "metrics",
+        p if p == "/v1/models" || p.starts_with("/v1/models/") => "models",
+        _ => "other",
+    }
+}
+
+/// The key, its models and limits, the body within its timeout; then the handler; then
+/// the response counted and its status noted for the audit record.
+pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let mut ctx = RequestCtx {
+        identity: None,
+        permit: Mutex::new(None),
+        client,
+        method: req.method().clone(),
+        path: path.clone(),
+        started: Instant::now(),
+        time: SystemTime::now(),
+        fill: Mutex::new(Fill::default()),
+        limiter: state.limiter.clone(),
+        audit: state.audit.clone(),
+    };
+    let response = match admit(&state, &mut ctx, &req) {
+        Err(e) => e.into_response(),
+        Ok(()) => {
+            let ctx = Arc::new(ctx);
+            match read_body(&state, req).await {
+                Err(e) => {
+                    let r = e.into_response();
+                    note(&ctx, &r);
+                    r
+                }
+                Ok(mut req) => {
+                    req.extensions_mut().insert(ctx.clone());
+                    let r = next.run(req).await;
+                    note(&ctx, &r);
+                    r
+                }
+            }
+        }
+    };
+    state
+        .metrics
+        .count_request(endpoint_label(&path), response.status().as_u16());
+    response
+}
+
+/// Notes the response's status (and error code) on the request's record.
+fn note(ctx: &RequestCtx, r: &Response) {
+    let mut f = ctx.fill();
+    f.status = r.status().as_u16();
+    f.error = r.extensions().get::<ErrorCode>().map(|c| c.0);
+}
+
+/// Authentication, model scope and limits; the refusal is also noted on `ctx`'s record
+/// (written when `ctx` drops).
+fn admit(state: &AppState, ctx: &mut RequestCtx, req: &Request) -> Result<(), ApiError> {
+    let path = req.uri().path();
+    if path == "/health" || path == "/ready" {
+        return Ok(());
+    }
+    let keys = state.keys();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let refuse = |ctx: &mut RequestCtx, e: ApiError| {
+        let f = ctx.fill.get_mut().unwrap_or_else(|e| e.into_inner());
+        f.status = e.status.as_u16();
+        f.error = e.code.or(Some(e.kind));
+        Err(e)
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or(v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return refuse(ctx, ApiError::unauthorized(true));
+    };
+    let identity = match keys.lookup(presented) {
+        Lookup::Valid(i) => i.clone(),
+        Lookup::Revoked(i) => {
+            // The record names the revoked key that was tried.
+            ctx.identity = Some(i.clone());
+            return refuse(ctx, ApiError::unauthorized(false));
+        }
+        Lookup::Unknown => return refuse(ctx, ApiError::unauthorized(false)),
+    };
+    ctx.identity = Some(identity.clone());
+    if generates(path) {
+        if !identity.may_use(&state.served_model) {
+            return refuse(
+                ctx,
+                ApiError::model_forbidden(&identity.name, &state.served_model),
+            );
+        }
+        match state.limiter.admit(&identity, Instant::now()) {
+            Ok(p) => *ctx.permit.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(p),
+            Err(r) => return refuse(ctx, ApiError::rate_limited(r.message, r.retry_after_secs)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a request body whole within the body timeout (a client that trickles it is cut
+/// off with 408) and up to the size limit (413).
+async fn read_body(state: &AppState, req: Request) -> Result<Request, ApiError> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return Ok(req);
+    }
+    let (parts, body) = req.into_parts();
+    let limit = state.limits.max_body_bytes;
+    match tokio::time::timeout(state.limits.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::body_timeout(state.limits.body_timeout)),
+        Ok(Err(e)) => {
+            let mut source: Option<&dyn std::error::Error> = Some(&e);
+            let mut too_large = false;
+            while let Some(s) = source {
+                too_large |= s.to_string().contains("length limit");
+                source = s.source();
+            }
+            if too_large {
+                Err(ApiError::too_large(limit))
+            } else {
+                Err(ApiError::invalid(
+                    None,
+                    format!("Cannot read the request body: {e}"),
+                ))
+            }
+        }
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
+    }
+}
