@@ -57,9 +57,10 @@ pub struct ServeArgs {
     /// When audit lines are forced to disk: always, never, or an interval (1s, 200ms).
     #[arg(long, default_value = "1s", requires = "audit_log")]
     audit_fsync: hearth_server::Fsync,
-    /// Rotate the audit log when it reaches this many MiB (the chain continues).
-    #[arg(long, requires = "audit_log")]
-    audit_max_mb: Option<u64>,
+    /// Rotate the audit log when it reaches this size (bytes, or with K, M or G); the
+    /// full file becomes PATH.N and the chain continues in PATH.
+    #[arg(long, requires = "audit_log", value_parser = parse_size)]
+    audit_rotate_size: Option<u64>,
     /// Serve HTTPS: the certificate chain (PEM), with --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -83,6 +84,23 @@ pub struct ServeArgs {
     /// sets no max_tokens.
     #[arg(long)]
     max_tokens: Option<usize>,
+}
+
+/// `4096`, `512K`, `64M`, `2G` (powers of 1024) as bytes; at least 1.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("`{s}` is not a size such as 1048576, 512K, 64M or 2G"))
 }
 
 impl ServeArgs {
@@ -158,9 +176,7 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
             AuditLog::open(AuditConfig {
                 path: path.clone(),
                 fsync: args.audit_fsync,
-                max_bytes: args
-                    .audit_max_mb
-                    .map(|mb| mb.saturating_mul(1 << 20).max(1)),
+                max_bytes: args.audit_rotate_size,
                 content: args.audit_content,
             })
             .map_err(anyhow::Error::msg)

@@ -958,6 +958,9 @@ fn stream_response(
             v["usage"] = usage(prompt_tokens, completion_tokens);
             let _ = tx.send(sse(&v));
         }
+        // The request is over (its audit record and key charges go out) before the
+        // client can see the end of the stream.
+        drop(job);
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n"));
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
