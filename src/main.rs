@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod http_client;
 mod loadgen;
+mod models;
 mod run;
 mod serve;
 
@@ -34,14 +35,23 @@ enum Command {
     Keys(admin::KeysArgs),
     /// Check the audit log's hash chain.
     Audit(admin::AuditArgs),
+    /// Verify model files against their pinned hashes; write a bill of materials.
+    Models(models::ModelsArgs),
 }
 
 /// Flags shared by every command that loads a model.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file, or a model name from models/manifest.json. Default: the default model.
+    /// A GGUF file, or a model name from models/manifest.toml. Default: the default model.
     #[arg(short = 'm', long = "model", env = "HEARTH_MODEL")]
     pub model: Option<String>,
+    /// The model file's expected sha256: a mismatch refuses to load it. Without it, the
+    /// pin comes from models/manifest.toml or a manifest.toml beside the file.
+    #[arg(long, env = "HEARTH_MODEL_SHA256")]
+    pub sha256: Option<String>,
+    /// Refuse a model file that no --sha256 or manifest pins.
+    #[arg(long)]
+    pub require_pin: bool,
     /// cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "cpu", env = "HEARTH_DEVICE")]
     pub device: String,
@@ -66,6 +76,7 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<hearth_engine::LoadedModel> {
         let threads = self.threads()?;
         let path = hearth_models::locate::resolve_model(self.model.as_deref())?;
+        models::check_pin(&path, self.sha256.as_deref(), self.require_pin)?;
         let device = hearth_engine::parse_device(&self.device)?;
         let start = std::time::Instant::now();
         let model = hearth_engine::LoadedModel::load(&path, &device)?;
@@ -85,7 +96,7 @@ fn compute_pool(command: &Command) -> anyhow::Result<rayon::ThreadPool> {
         Command::Run(a) => a.model_args(),
         Command::Bench(a) => a.model_args(),
         Command::Serve(a) => a.model_args(),
-        Command::Keys(_) | Command::Audit(_) => {
+        Command::Keys(_) | Command::Audit(_) | Command::Models(_) => {
             return Ok(rayon::ThreadPoolBuilder::new().num_threads(1).build()?)
         }
     };
@@ -103,6 +114,8 @@ fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: log files and pipes get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -111,6 +124,7 @@ fn main() {
     let result = compute_pool(&cli.command).and_then(|pool| match cli.command {
         Command::Keys(args) => admin::keys(args),
         Command::Audit(args) => admin::audit(args),
+        Command::Models(args) => models::models(args),
         // The server's scheduler thread runs its steps on the pool itself.
         Command::Serve(args) => serve::serve(args, pool),
         Command::Bench(bench::BenchArgs {
@@ -123,7 +137,7 @@ fn main() {
         command => pool.install(|| match command {
             Command::Run(args) => run::run(args),
             Command::Bench(args) => bench::bench(args),
-            Command::Serve(_) | Command::Keys(_) | Command::Audit(_) => {
+            Command::Serve(_) | Command::Keys(_) | Command::Audit(_) | Command::Models(_) => {
                 unreachable!("run above")
             }
         }),

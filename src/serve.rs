@@ -214,11 +214,13 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
     // Load in the background: the listener answers /health (and 503 on /ready) meanwhile.
     let started = Instant::now();
     let loader_state = state.clone();
+    let (pin, require_pin) = (args.model.sha256.clone(), args.model.require_pin);
     let pool = Arc::new(pool);
     std::thread::Builder::new()
         .name("hearth-loader".into())
         .spawn(move || {
             let result = (|| -> anyhow::Result<()> {
+                crate::models::check_pin(&path, pin.as_deref(), require_pin)?;
                 let model = Arc::new(
                     LoadedModel::load(&path, &device)
                         .with_context(|| format!("cannot load {}", path.display()))?,

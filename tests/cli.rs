@@ -82,7 +82,7 @@ fn run_streams_the_greedy_continuation_and_nothing_else() {
 
 #[test]
 fn default_model_and_chat_template() {
-    // No -m: the default model from models/manifest.json.
+    // No -m: the default model from models/manifest.toml.
     let o = hearth(&[
         "run",
         "--chat",

@@ -5,11 +5,13 @@
 //! It does no tensor math and opens no network connection. Every byte it reads from a
 //! file is bounds-checked: bad files give errors that name the file and the problem.
 
+pub mod bom;
 pub mod chat_template;
 pub mod clock;
 pub mod config;
 pub mod gguf;
 pub mod locate;
+pub mod pin;
 pub mod tokenizer;
 pub mod tools;
 
@@ -20,6 +22,24 @@ pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError, TokenizerKind
 pub use tools::{ToolCall, ToolChoice, ToolFormat, ToolParser, ToolPiece, ToolSpec};
 
 use std::path::Path;
+
+/// A TOML error as one line: where (line, column and the line's text) and what.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let at = e.span().map(|s| {
+        let before = text.get(..s.start).unwrap_or("");
+        let line = before.matches('\n').count() + 1;
+        let col = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+        let source: String = text
+            .lines()
+            .nth(line - 1)
+            .unwrap_or("")
+            .chars()
+            .take(80)
+            .collect();
+        format!("line {line}, column {col} (`{}`): ", source.trim())
+    });
+    format!("{}{}", at.unwrap_or_default(), e.message().trim_end())
+}
 
 /// Everything read from one GGUF file except the weights' math.
 #[derive(Debug)]

@@ -1,60 +1,135 @@
-//! Finding a model on disk: an explicit path, or a name from `models/manifest.json`.
+//! Finding a model on disk: an explicit path, or a name from `models/manifest.toml`.
 //! Never the network: a model that is not on disk is an error telling how to fetch it.
+//!
+//! A manifest lists models by name, each with its file, the file's sha256 (its pin), where
+//! it came from and its license. The same format next to any model file (a
+//! `manifest.toml` in its folder) pins that file too; see [`crate::pin`].
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// One entry of `models/manifest.json`.
-#[derive(Clone, Debug, Deserialize)]
+/// The manifest's file name, in `models/` or beside a model.
+pub const MANIFEST: &str = "manifest.toml";
+
+/// One `[[model]]` of a manifest.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ManifestEntry {
     pub name: String,
+    /// The file, relative to the manifest's folder.
     pub file: String,
+    /// Lower-case hex SHA-256 of the file.
     pub sha256: String,
-    pub source: String,
-    pub license: String,
+    /// How the file was obtained.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Where the model itself comes from (its publisher's page).
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// An SPDX license id or name.
+    #[serde(default)]
+    pub license: Option<String>,
     #[serde(default)]
     pub default: bool,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    #[serde(default)]
+    model: Vec<ManifestEntry>,
+}
+
+/// A manifest read from its folder.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub dir: PathBuf,
+    pub entries: Vec<ManifestEntry>,
+}
+
+impl Manifest {
+    /// The path of an entry's file.
+    pub fn path_of(&self, e: &ManifestEntry) -> PathBuf {
+        self.dir.join(&e.file)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LocateError {
-    #[error("model `{0}` not found: it is neither a file nor a name in models/manifest.json{1}")]
+    #[error("model `{0}` not found: it is neither a file nor a name in models/manifest.toml{1}")]
     Unknown(String, String),
     #[error("{path}: the model file is not on disk; fetch it with `{fetch}`")]
     NotFetched { path: PathBuf, fetch: String },
-    #[error("no -m/--model given and no models/manifest.json found (looked in $HEARTH_MODELS_DIR, ./models and beside the executable)")]
+    #[error("no -m/--model given and no models/manifest.toml found (looked in $HEARTH_MODELS_DIR, ./models and beside the executable)")]
     NoManifest,
     #[error("{path}: {message}")]
     BadManifest { path: PathBuf, message: String },
 }
 
-/// The folder holding `manifest.json`: `$HEARTH_MODELS_DIR`, `./models`, or a `models/`
+/// The folder holding `manifest.toml`: `$HEARTH_MODELS_DIR`, `./models`, or a `models/`
 /// in a parent of the executable's folder (so `target/release/hearth` finds the repo's).
 pub fn models_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("HEARTH_MODELS_DIR") {
         return Some(PathBuf::from(d));
     }
     let here = PathBuf::from("models");
-    if here.join("manifest.json").is_file() {
+    if here.join(MANIFEST).is_file() {
         return Some(here);
     }
     let exe = std::env::current_exe().ok()?;
     exe.ancestors()
         .skip(1)
         .map(|a| a.join("models"))
-        .find(|m| m.join("manifest.json").is_file())
+        .find(|m| m.join(MANIFEST).is_file())
 }
 
-pub fn read_manifest(dir: &Path) -> Result<Vec<ManifestEntry>, LocateError> {
-    let path = dir.join("manifest.json");
+/// Parses a manifest's text; `path` names it in errors. Entries must have plain names
+/// (unique), relative file names without `..`, and 64-hex-digit hashes.
+pub fn parse_manifest(path: &Path, text: &str) -> Result<Vec<ManifestEntry>, LocateError> {
+    let bad = |message: String| LocateError::BadManifest {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file: ManifestFile = toml::from_str(text).map_err(|e| bad(crate::toml_error(text, &e)))?;
+    let mut names = std::collections::HashSet::new();
+    for (i, e) in file.model.iter().enumerate() {
+        let at = format!("model {} (`{}`)", i + 1, e.name);
+        if e.name.is_empty() || !names.insert(e.name.as_str()) {
+            return Err(bad(format!("{at}: names must be present and unique")));
+        }
+        let p = Path::new(&e.file);
+        if e.file.is_empty()
+            || p.is_absolute()
+            || p.components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(bad(format!(
+                "{at}: `file` must be a path inside the manifest's folder"
+            )));
+        }
+        if !crate::pin::is_sha256_hex(&e.sha256) {
+            return Err(bad(format!(
+                "{at}: sha256 must be 64 lower-case hex digits"
+            )));
+        }
+    }
+    if file.model.iter().filter(|e| e.default).count() > 1 {
+        return Err(bad("more than one model is marked default".into()));
+    }
+    Ok(file.model)
+}
+
+/// Reads `DIR/manifest.toml`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, LocateError> {
+    let path = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&path).map_err(|e| LocateError::BadManifest {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    serde_json::from_str(&text).map_err(|e| LocateError::BadManifest {
-        path,
-        message: e.to_string(),
+    Ok(Manifest {
+        dir: dir.to_path_buf(),
+        entries: parse_manifest(&path, &text)?,
     })
 }
 
@@ -72,19 +147,19 @@ pub fn resolve_model(arg: Option<&str>) -> Result<PathBuf, LocateError> {
             None => Err(LocateError::NoManifest),
         };
     };
-    let entries = read_manifest(&dir)?;
+    let manifest = read_manifest(&dir)?;
     let entry = match arg {
-        Some(a) => entries.iter().find(|e| e.name == a || e.file == a),
-        None => entries.iter().find(|e| e.default),
+        Some(a) => manifest.entries.iter().find(|e| e.name == a || e.file == a),
+        None => manifest.entries.iter().find(|e| e.default),
     };
     let Some(entry) = entry else {
-        let known: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        let known: Vec<&str> = manifest.entries.iter().map(|e| e.name.as_str()).collect();
         return Err(LocateError::Unknown(
             arg.unwrap_or("<default>").to_owned(),
             format!(" (known: {})", known.join(", ")),
         ));
     };
-    let path = dir.join(&entry.file);
+    let path = manifest.path_of(entry);
     if !path.is_file() {
         return Err(LocateError::NotFetched {
             path,
@@ -92,4 +167,34 @@ pub fn resolve_model(arg: Option<&str>) -> Result<PathBuf, LocateError> {
         });
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_are_checked() {
+        let p = Path::new("m/manifest.toml");
+        let h = "a".repeat(64);
+        let ok = format!(
+            "[[model]]\nname = \"a\"\nfile = \"a.gguf\"\nsha256 = \"{h}\"\ndefault = true\n"
+        );
+        assert_eq!(parse_manifest(p, &ok).unwrap().len(), 1);
+        for (text, want) in [
+            (ok.replace("a.gguf", "../a.gguf"), "inside"),
+            (ok.replace("a.gguf", "/etc/a.gguf"), "inside"),
+            (ok.replace(&h, "abc"), "64"),
+            (format!("{ok}{ok}"), "unique"),
+            (ok.replace("default", "defualt"), "unknown field"),
+            (ok.replace("name = \"a\"\n", ""), "missing field `name`"),
+            ("[[model]\n".to_string(), "line 1"),
+        ] {
+            let err = parse_manifest(p, &text).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("m/manifest.toml"),
+                "{text:?}: {err}"
+            );
+        }
+    }
 }

@@ -85,26 +85,8 @@ impl KeysFile {
     /// Parses and checks the file's text: names unique and plain, hashes 64 hex digits and
     /// unique, model lists not empty, limits at least 1.
     pub fn parse(text: &str) -> Result<Self, KeysError> {
-        let file: KeysFile = toml::from_str(text).map_err(|e| {
-            let at = e.span().map(|s| {
-                let before = text.get(..s.start).unwrap_or("");
-                let line = before.matches('\n').count() + 1;
-                let col = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
-                let source: String = text
-                    .lines()
-                    .nth(line - 1)
-                    .unwrap_or("")
-                    .chars()
-                    .take(80)
-                    .collect();
-                format!("line {line}, column {col} (`{}`): ", source.trim())
-            });
-            KeysError::Invalid(format!(
-                "{}{}",
-                at.unwrap_or_default(),
-                e.message().trim_end()
-            ))
-        })?;
+        let file: KeysFile = toml::from_str(text)
+            .map_err(|e| KeysError::Invalid(hearth_models::toml_error(text, &e)))?;
         let mut names = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();
         for (i, k) in file.keys.iter().enumerate() {

@@ -1,0 +1,275 @@
+//! `hearth models verify|bom`, and the pin check every command that loads a model makes:
+//! the file's sha256 against `--sha256` or its manifest, with a progress bar for big files.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use hearth_models::locate::{self, ManifestEntry};
+use hearth_models::pin::{self, HashCache, Hashed, PinError};
+
+#[derive(Args, Debug)]
+pub struct ModelsArgs {
+    #[command(subcommand)]
+    command: ModelsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// Rehash model files and compare them with their pins (every model of
+    /// models/manifest.toml on disk, or those given with -m); exit 1 on any mismatch or
+    /// unpinned file.
+    Verify {
+        /// A model file or manifest name (repeatable; default: every manifest model).
+        #[arg(short = 'm', long = "model")]
+        models: Vec<String>,
+        /// The expected sha256 of the single model given with -m.
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// Write a CycloneDX 1.6 bill of materials (ML-BOM) of the models: names,
+    /// architectures, parameters, quantization, files with hashes, licenses, origins.
+    Bom {
+        /// A model file or manifest name (repeatable; default: every manifest model on disk).
+        #[arg(short = 'm', long = "model")]
+        models: Vec<String>,
+        /// The expected sha256 of the single model given with -m.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Write to this file instead of stdout.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Progress on stderr while hashing a big file: a bar on a terminal, else a line at the
+/// start and one at the end.
+pub fn progress(path: &Path) -> impl FnMut(u64, u64) {
+    let tty = std::io::stderr().is_terminal();
+    let name = path.display().to_string();
+    let start = Instant::now();
+    let mut shown = None;
+    move |done: u64, total: u64| {
+        if total < 64 << 20 {
+            return;
+        }
+        let pct = done * 100 / total.max(1);
+        if shown == Some(pct) {
+            return;
+        }
+        let first = shown.is_none();
+        shown = Some(pct);
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let mut err = std::io::stderr().lock();
+        if tty {
+            let filled = (pct / 4) as usize;
+            let _ = write!(
+                err,
+                "\rhearth: sha256 {name} [{}{}] {pct:3}% {:.0}/{:.0} MiB",
+                "#".repeat(filled),
+                " ".repeat(25 - filled),
+                mib(done),
+                mib(total)
+            );
+            if done == total {
+                let _ = writeln!(err, " {:.1} s", start.elapsed().as_secs_f64());
+            }
+        } else if first {
+            let _ = writeln!(err, "hearth: sha256 {name} ({:.0} MiB) ...", mib(total));
+        } else if done == total {
+            let _ = writeln!(
+                err,
+                "hearth: sha256 {name} done in {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Checks `path` against its pin before it is loaded (the hash cache makes unchanged files
+/// fast). Unpinned files load with a warning, or are refused with `require`.
+pub fn check_pin(path: &Path, explicit: Option<&str>, require: bool) -> anyhow::Result<()> {
+    let Some(p) = pin::find_pin(path, explicit)? else {
+        if require {
+            anyhow::bail!(
+                "{}: no pin (no --sha256, and no manifest.toml entry for it in models/ or beside it); --require-pin refuses unpinned models",
+                path.display()
+            );
+        }
+        tracing::info!(path = %path.display(), "the model file is not pinned by any sha256");
+        return Ok(());
+    };
+    let cache = HashCache::default_location();
+    let start = Instant::now();
+    let how = pin::verify(path, &p, cache.as_ref(), &mut progress(path))?;
+    tracing::info!(
+        path = %path.display(),
+        sha256 = %p.sha256,
+        from = %p.from,
+        cached = how == Hashed::Cached,
+        elapsed_ms = start.elapsed().as_millis() as u64,
+        "model file verified"
+    );
+    Ok(())
+}
+
+/// The models a command is about: those given with -m, else every manifest entry.
+fn selected(
+    models: &[String],
+    sha256: Option<&str>,
+) -> anyhow::Result<Vec<(String, PathBuf, Option<ManifestEntry>)>> {
+    if sha256.is_some() && models.len() != 1 {
+        anyhow::bail!("--sha256 pins one model file: give exactly one -m");
+    }
+    let manifest = match locate::models_dir() {
+        Some(dir) => Some(locate::read_manifest(&dir)?),
+        None => None,
+    };
+    let entry_for = |path: &Path| {
+        let target = std::fs::canonicalize(path).ok()?;
+        let m = manifest.as_ref()?;
+        m.entries
+            .iter()
+            .find(|e| std::fs::canonicalize(m.path_of(e)).is_ok_and(|p| p == target))
+            .cloned()
+    };
+    if models.is_empty() {
+        let m = manifest
+            .as_ref()
+            .context("no -m given and no models/manifest.toml found")?;
+        return Ok(m
+            .entries
+            .iter()
+            .map(|e| (e.name.clone(), m.path_of(e), Some(e.clone())))
+            .collect());
+    }
+    let mut out = Vec::new();
+    for arg in models {
+        let path = locate::resolve_model(Some(arg))?;
+        let entry = entry_for(&path);
+        let name = entry.as_ref().map_or_else(
+            || {
+                path.file_stem()
+                    .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+            },
+            |e| e.name.clone(),
+        );
+        out.push((name, path, entry));
+    }
+    Ok(out)
+}
+
+pub fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    match args.command {
+        ModelsCommand::Verify { models, sha256 } => verify(&models, sha256.as_deref()),
+        ModelsCommand::Bom {
+            models,
+            sha256,
+            output,
+        } => bom(&models, sha256.as_deref(), output.as_deref()),
+    }
+}
+
+fn verify(models: &[String], sha256: Option<&str>) -> anyhow::Result<()> {
+    let cache = HashCache::default_location();
+    let (mut good, mut bad, mut absent) = (0, 0, 0);
+    for (name, path, _) in selected(models, sha256)? {
+        let shown = path.display();
+        if !path.is_file() {
+            println!("ABSENT    {name}  {shown}");
+            absent += 1;
+            continue;
+        }
+        let start = Instant::now();
+        let result = pin::find_pin(&path, sha256).and_then(|p| {
+            // Always read whole: on demand, the cache is not trusted (it is refreshed).
+            let (actual, _) =
+                pin::hash_with_cache(&path, cache.as_ref(), false, &mut progress(&path))?;
+            Ok((p, actual))
+        });
+        match result {
+            Ok((Some(p), actual)) if actual == p.sha256 => {
+                good += 1;
+                println!(
+                    "OK        {name}  {shown}  sha256 {actual}  ({}, {:.1} s)",
+                    p.from,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Ok((Some(p), actual)) => {
+                bad += 1;
+                println!(
+                    "MISMATCH  {name}  {shown}  file sha256 {actual}, pinned {} by {}",
+                    p.sha256, p.from
+                );
+            }
+            Ok((None, actual)) => {
+                bad += 1;
+                println!(
+                    "UNPINNED  {name}  {shown}  sha256 {actual} (no --sha256 or manifest entry)"
+                );
+            }
+            Err(e) => {
+                bad += 1;
+                println!("ERROR     {name}  {e}");
+            }
+        }
+    }
+    eprintln!("hearth: {good} verified, {bad} failed, {absent} not on disk");
+    if bad > 0 {
+        anyhow::bail!("{bad} model file(s) failed verification");
+    }
+    Ok(())
+}
+
+fn bom(models: &[String], sha256: Option<&str>, output: Option<&Path>) -> anyhow::Result<()> {
+    let cache = HashCache::default_location();
+    let mut described = Vec::new();
+    for (name, path, manifest) in selected(models, sha256)? {
+        if !path.is_file() {
+            eprintln!(
+                "hearth: {name}: {} is not on disk; left out",
+                path.display()
+            );
+            continue;
+        }
+        let pin = pin::find_pin(&path, sha256)?;
+        let (actual, _) = pin::hash_with_cache(&path, cache.as_ref(), true, &mut progress(&path))?;
+        if let Some(p) = &pin {
+            if p.sha256 != actual {
+                return Err(PinError::Mismatch {
+                    path,
+                    expected: p.sha256.clone(),
+                    actual,
+                    from: p.from.clone(),
+                }
+                .into());
+            }
+        }
+        described.push(hearth_models::bom::BomModel {
+            name,
+            path,
+            sha256: actual,
+            pinned_by: pin.map(|p| p.from),
+            manifest,
+        });
+    }
+    if described.is_empty() {
+        anyhow::bail!("no model files to describe");
+    }
+    let doc = hearth_models::bom::cyclonedx(
+        &described,
+        env!("CARGO_PKG_VERSION"),
+        std::time::SystemTime::now(),
+    )?;
+    let text = serde_json::to_string_pretty(&doc)? + "\n";
+    match output {
+        Some(p) => {
+            std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display()))?
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
