@@ -152,6 +152,13 @@ impl Server {
     }
 }
 
+/// Resident memory of a process, in KiB (Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn chat(content: &str, max_tokens: u64) -> Value {
     json!({
         "model": "SmolLM2-135M-Instruct.Q4_1",

@@ -330,6 +330,7 @@ pub async fn serve(
         config.tls,
         app,
         config.header_timeout,
+        state.metrics.connections.clone(),
         async move {
             shutdown_signal().await;
             drain_state.draining.store(true, Relaxed);

@@ -4,6 +4,7 @@
 //! shutdown that waits for requests in flight.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +54,22 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// One count in the open-connections gauge, given back when the connection's task ends.
+struct OpenConnection(Arc<AtomicU64>);
+
+impl OpenConnection {
+    fn new(count: Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Accepts connections until `shutdown` resolves, then stops accepting and waits for the
 /// connections' requests in flight (the caller bounds that wait).
 pub async fn accept_loop(
@@ -60,6 +77,7 @@ pub async fn accept_loop(
     tls: Option<TlsAcceptor>,
     app: Router,
     header_timeout: Duration,
+    open: Arc<AtomicU64>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -95,7 +113,9 @@ pub async fn accept_loop(
             .keep_alive(true);
         let watcher = graceful.watcher();
         let tls = tls.clone();
+        let open = OpenConnection::new(open.clone());
         tokio::spawn(async move {
+            let _open = open;
             let result = match tls {
                 None => {
                     let conn = http.serve_connection(TokioIo::new(tcp), service);

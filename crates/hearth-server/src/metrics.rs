@@ -67,6 +67,8 @@ pub struct Metrics {
     pub duration: Histogram,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    /// Client connections open now (the accept loop counts them).
+    pub connections: std::sync::Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,7 @@ impl Default for Metrics {
             duration: Histogram::new(DURATION),
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
+            connections: std::sync::Arc::default(),
         }
     }
 }
@@ -229,6 +232,22 @@ impl Metrics {
             "hearth_request_duration_seconds",
             "From request received to its last token.",
         );
+        gauge(
+            &mut out,
+            "hearth_open_connections",
+            "Client connections open now.",
+            "gauge",
+            self.connections.load(Relaxed).to_string(),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            gauge(
+                &mut out,
+                "hearth_async_tasks",
+                "Tasks alive in the HTTP runtime (connections, streams).",
+                "gauge",
+                rt.metrics().num_alive_tasks().to_string(),
+            );
+        }
         if let Some(rss) = resident_bytes() {
             gauge(
                 &mut out,
