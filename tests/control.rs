@@ -370,6 +370,19 @@ fn audit_content_streams_cancellation_and_rotation() {
         gone.next_data().unwrap();
     }
     drop(gone);
+    // A client that leaves before a whole (non-streamed) answer is ready.
+    let mut body = chat("Tell me a long story.", 300);
+    body["ignore_eos"] = json!(true);
+    let body = body.to_string();
+    let mut s = TcpStream::connect(&server.authority).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
     // Enough requests to rotate a few times.
     for i in 0..8 {
         let (status, _) = server.post("/v1/chat/completions", &chat(&format!("Say {i}."), 4));
@@ -394,7 +407,7 @@ fn audit_content_streams_cancellation_and_rotation() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 12 lines"));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 13 lines"));
     // Without the first file the start is missing (unless --partial).
     let oldest = dir.path().join("audit.log.1");
     let rest: Vec<String> = files
@@ -410,7 +423,7 @@ fn audit_content_streams_cancellation_and_rotation() {
 
     let mut lines: Vec<Value> = files.iter().flat_map(|f| audit_lines(f)).collect();
     lines.sort_by_key(|l| l["seq"].as_u64().unwrap());
-    assert_eq!(lines.len(), 12);
+    assert_eq!(lines.len(), 13);
     let whole_line = &lines[0];
     assert_eq!(
         whole_line["prompt"],
@@ -434,6 +447,12 @@ fn audit_content_streams_cancellation_and_rotation() {
     let n = cancelled["completion_tokens"].as_u64().unwrap();
     // The role chunk and two tokens were read before the client left.
     assert!((2..400).contains(&n), "{cancelled}");
+    let left = lines
+        .iter()
+        .find(|l| l["status"] == 499)
+        .expect("the whole request whose client left is recorded");
+    assert_eq!(left["error"], "client_closed_request");
+    assert_eq!(left["finish_reasons"], json!(["cancelled"]));
 }
 
 #[test]
@@ -512,4 +531,25 @@ fn request_caps_and_slow_clients() {
     }
     // The server is fine afterwards.
     assert_eq!(server.get("/v1/models").0, 200);
+}
+
+#[test]
+fn an_empty_keys_file_still_requires_a_key_and_sighup_never_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, "").unwrap();
+    let server = Server::start(&["--api-keys-file", keys.to_str().unwrap()]);
+    let (status, _) = server.post_raw("/v1/chat/completions", &chat("Hi", 2).to_string(), None);
+    assert_eq!(status, 401, "a keys file with no keys opens nothing");
+    let key = add_key(&keys, "late", &[]);
+    hup(&server);
+    eventually("the key added later works", || {
+        chat_as(&server, &key, 2).0 == 200
+    });
+
+    // Without a keys file, SIGHUP is logged and ignored.
+    let plain = Server::start(&[]);
+    hup(&plain);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(plain.post("/v1/chat/completions", &chat("Hi", 2)).0, 200);
 }

@@ -132,8 +132,14 @@ impl RequestCtx {
         r.insert("method".into(), self.method.as_str().into());
         r.insert("endpoint".into(), self.path.clone().into());
         r.insert("model".into(), f.model.clone().into());
-        r.insert("status".into(), f.status.into());
-        if let Some(e) = f.error {
+        // No response was made: the client went away while the request was handled
+        // (499, as nginx says it).
+        let (status, error) = match f.status {
+            0 => (499, Some("client_closed_request")),
+            s => (s, f.error),
+        };
+        r.insert("status".into(), status.into());
+        if let Some(e) = error {
             r.insert("error".into(), e.into());
         }
         r.insert("stream".into(), f.stream.into());
@@ -248,7 +254,7 @@ fn admit(state: &AppState, ctx: &mut RequestCtx, req: &Request) -> Result<(), Ap
         return Ok(());
     }
     let keys = state.keys();
-    if keys.is_empty() {
+    if !keys.required() {
         return Ok(());
     }
     let refuse = |ctx: &mut RequestCtx, e: ApiError| {

@@ -285,6 +285,8 @@ impl Identity {
 #[derive(Debug, Default)]
 pub struct KeyStore {
     entries: Vec<([u8; 32], Arc<Identity>)>,
+    /// A keys file is configured: keys are required even when it lists none.
+    required: bool,
 }
 
 /// What a presented key turned out to be.
@@ -324,12 +326,16 @@ impl KeyStore {
             };
             entries.push((hash, Arc::new(identity)));
         }
-        Self { entries }
+        Self {
+            required: file.is_some() || !entries.is_empty(),
+            entries,
+        }
     }
 
-    /// No keys at all: the server runs without authentication.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    /// Whether requests must present a key: yes with a keys file (even an empty one) or
+    /// any plain key; no keys configured at all means no authentication.
+    pub fn required(&self) -> bool {
+        self.required
     }
 
     pub fn len(&self) -> usize {
@@ -524,6 +530,8 @@ mod tests {
         let back = KeysFile::parse(&text).unwrap();
         assert_eq!(back, file);
 
+        assert!(KeyStore::new(Some(&KeysFile::default()), &[]).required());
+        assert!(!KeyStore::new(None, &[]).required());
         let store = KeyStore::new(Some(&back), &[]);
         let Lookup::Valid(bob) = store.lookup(&key_b) else {
             panic!("bob's key is valid")

@@ -299,6 +299,10 @@ fn reload_on_hangup(state: Arc<AppState>) {
             return;
         };
         while hup.recv().await.is_some() {
+            if state.keys_file.is_none() {
+                tracing::warn!("SIGHUP: no --api-keys-file to reload");
+                continue;
+            }
             match state.reload_keys() {
                 Ok(n) => tracing::warn!("SIGHUP: keys reloaded ({n} keys)"),
                 Err(e) => tracing::error!("SIGHUP: keys not reloaded, the old ones stay: {e}"),
@@ -319,9 +323,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     on_bound(listener.local_addr()?);
-    if state.keys_file.is_some() {
-        reload_on_hangup(state.clone());
-    }
+    // SIGHUP rereads the keys file (and never ends the server).
+    reload_on_hangup(state.clone());
     let app = router(state.clone());
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
     let drain_state = state.clone();
