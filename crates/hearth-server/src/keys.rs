@@ -338,7 +338,7 @@ impl KeyStore {
         self.required
     }
 
-    pub fn len(&self) -> usize {
+    pub fn key_count(&self) -> usize {
         self.entries.len()
     }
 

@@ -190,7 +190,7 @@ impl AppState {
     /// of keys now known.
     pub fn reload_keys(&self) -> Result<usize, String> {
         let store = Self::read_keys(self.keys_file.as_deref(), &self.plain_keys)?;
-        let n = store.len();
+        let n = store.key_count();
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store);
         Ok(n)
     }
