@@ -5,7 +5,7 @@
 //! Compare runs on the same machine, not across days: these machines are shared.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use hearth_kernels::attention::{attend, AttentionShape, KvView};
+use hearth_kernels::attention::{attend, AttentionShape, KvCells, KvView};
 use hearth_kernels::blocks::BlockQ8_1;
 use hearth_kernels::matmul::{QFormat, QMatrix};
 use hearth_kernels::quantize::quantize_row_q8_1;
@@ -63,6 +63,7 @@ fn attention(c: &mut Criterion) {
         heads: 9,
         kv_heads: 3,
         head_dim: 64,
+        window: None,
     };
     let width = s.kv_heads * s.head_dim;
     let bs = 16;
@@ -80,8 +81,8 @@ fn attention(c: &mut Criterion) {
             .collect();
         let mut out = vec![0f32; q.len()];
         let kv = KvView {
-            k: &k,
-            v: &v,
+            k: KvCells::F16(&k),
+            v: KvCells::F16(&v),
             blocks: &blocks,
             block_size: bs,
         };

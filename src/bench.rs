@@ -162,12 +162,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| info.config.architecture.name().to_owned());
     let quant = info
-        .file
-        .tensors
+        .weights
+        .tensors()
         .get("blk.0.attn_q.weight")
         .map_or("?".to_owned(), |t| t.dtype.to_string());
-    let size_mib = info.file.file_size() as f64 / (1024.0 * 1024.0);
-    let params_m = info.config.parameter_count(&info.file) as f64 / 1e6;
+    let size_mib = info.weights.total_bytes() as f64 / (1024.0 * 1024.0);
+    let params_m = info.weights.parameter_count() as f64 / 1e6;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
     let backend = if model.model.device().is_cpu() {
         "CPU"

@@ -24,15 +24,45 @@ pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Each position sees at most this many positions, itself included (Mistral's
+    /// sliding window); `None`: every earlier position.
+    pub window: Option<usize>,
 }
 
-/// One layer of a paged f16 KV cache, seen through one sequence's block table.
+/// Cells of a KV cache: f16 (llama.cpp's default, bit-compatible with it) or f32 (for
+/// f32 models compared with f32 references).
+#[derive(Clone, Copy, Debug)]
+pub enum KvCells<'a> {
+    F16(&'a [f16]),
+    F32(&'a [f32]),
+}
+
+impl KvCells<'_> {
+    /// Cell `i` as f32.
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            KvCells::F16(c) => c[i].to_f32(),
+            KvCells::F32(c) => c[i],
+        }
+    }
+
+    /// `len` cells from `at`, as f32.
+    #[inline]
+    fn widen_into(&self, at: usize, dst: &mut [f32]) {
+        match self {
+            KvCells::F16(c) => c[at..at + dst.len()].convert_to_f32_slice(dst),
+            KvCells::F32(c) => dst.copy_from_slice(&c[at..at + dst.len()]),
+        }
+    }
+}
+
+/// One layer of a paged KV cache, seen through one sequence's block table.
 #[derive(Clone, Copy, Debug)]
 pub struct KvView<'a> {
     /// Keys of the whole pool, `[block][cell][kv_width]`.
-    pub k: &'a [f16],
+    pub k: KvCells<'a>,
     /// Values of the whole pool, transposed per block: `[block][kv_width][cell]`.
-    pub v: &'a [f16],
+    pub v: KvCells<'a>,
     /// The sequence's blocks, in token order.
     pub blocks: &'a [u32],
     pub block_size: usize,
@@ -103,6 +133,11 @@ struct HeadTask<'a> {
     stride: usize,
     shape: AttentionShape,
     scale: f32,
+    /// Round the query and the attention weights to f16 (as llama.cpp does with an f16
+    /// cache); not with an f32 cache.
+    round: bool,
+    /// Cells `first..visible` are seen.
+    first: usize,
     visible: usize,
     tiled_scores: bool,
     tiled_values: bool,
@@ -113,13 +148,13 @@ multiversion! {
     fn attend_head(task: HeadTask<'_>, q: &[f32], scratch: &mut Scratch, out: &mut [f32]) {
         let Scratch { q: qf, w, p } = scratch;
         let hd = task.shape.head_dim;
-        // The query meets the keys as f16.
+        // The query meets the keys as f16 (with an f16 cache).
         for (d, &x) in qf.iter_mut().zip(q) {
-            *d = f16::from_f32(x).to_f32();
+            *d = if task.round { f16::from_f32(x).to_f32() } else { x };
         }
         let mut max = f32::NEG_INFINITY;
         for (j, wj) in w.iter_mut().enumerate() {
-            *wj = if j < task.visible {
+            *wj = if j >= task.first && j < task.visible {
                 let key = &task.k[j * hd..(j + 1) * hd];
                 let dot = if task.tiled_scores {
                     dot_tiled(key, qf)
@@ -142,9 +177,9 @@ multiversion! {
             sum += reduce16(&lanes) as f64;
         }
         let inv = (1.0 / sum) as f32;
-        // The probabilities meet the values as f16.
+        // The probabilities meet the values as f16 (with an f16 cache).
         for (pj, &e) in p.iter_mut().zip(w.iter()) {
-            *pj = f16::from_f32(e * inv).to_f32();
+            *pj = if task.round { f16::from_f32(e * inv).to_f32() } else { e * inv };
         }
         // Cells past the visible ones have probability 0 (and finite values).
         let n = round_up64(task.visible);
@@ -214,6 +249,8 @@ pub fn attend(
                     stride: padded,
                     shape: s,
                     scale,
+                    round: matches!(kv.k, KvCells::F16(_)),
+                    first: s.window.map_or(0, |w| (pos + t + 1).saturating_sub(w)),
                     visible: pos + t + 1,
                     tiled_scores,
                     tiled_values,
@@ -249,14 +286,14 @@ fn widen(
         .for_each(|(g, kg)| {
             for (j, dst) in kg.chunks_exact_mut(hd).enumerate() {
                 let cell = kv.blocks[j / bs] as usize * bs + j % bs;
-                kv.k[cell * width + g * hd..][..hd].convert_to_f32_slice(dst);
+                kv.k.widen_into(cell * width + g * hd, dst);
             }
         });
     vf.par_chunks_mut(padded).enumerate().for_each(|(r, row)| {
         // r = kv_head * hd + d: the row index inside each block's [width][bs] values.
         for (bi, dst) in row[..total].chunks_mut(bs).enumerate() {
             let b = kv.blocks[bi] as usize;
-            kv.v[(b * width + r) * bs..][..dst.len()].convert_to_f32_slice(dst);
+            kv.v.widen_into((b * width + r) * bs, dst);
         }
         row[total..].fill(0.0);
     });
@@ -287,7 +324,8 @@ mod tests {
                     .map(|&x| f16::from_f32(x).to_f64())
                     .collect();
                 let vis = pos + t + 1;
-                let scores: Vec<f64> = (0..vis)
+                let first = s.window.map_or(0, |w| vis.saturating_sub(w));
+                let scores: Vec<f64> = (first..vis)
                     .map(|j| {
                         let key = &k[j * width + g * hd..][..hd];
                         key.iter()
@@ -301,8 +339,52 @@ mod tests {
                 let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for d in 0..hd {
-                    out[(t * s.heads + h) * hd + d] = (0..vis)
-                        .map(|j| e[j] / z * v[j * width + g * hd + d].to_f64())
+                    out[(t * s.heads + h) * hd + d] = (first..vis)
+                        .map(|j| e[j - first] / z * v[j * width + g * hd + d].to_f64())
+                        .sum::<f64>() as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Like `reference` without rounding the query to f16.
+    fn reference_unrounded(
+        q: &[f32],
+        seq: usize,
+        pos: usize,
+        k: &[f16],
+        v: &[f16],
+        s: AttentionShape,
+        scale: f32,
+    ) -> Vec<f32> {
+        // A query whose values are exact in f16 rounds to itself: scale it through a
+        // power of two is not enough, so compare against the f64 sum directly.
+        let hd = s.head_dim;
+        let width = s.kv_heads * hd;
+        let mut out = vec![0f32; q.len()];
+        for t in 0..seq {
+            for h in 0..s.heads {
+                let g = h / (s.heads / s.kv_heads);
+                let qrow = &q[(t * s.heads + h) * hd..][..hd];
+                let vis = pos + t + 1;
+                let first = s.window.map_or(0, |w| vis.saturating_sub(w));
+                let scores: Vec<f64> = (first..vis)
+                    .map(|j| {
+                        k[j * width + g * hd..][..hd]
+                            .iter()
+                            .zip(qrow)
+                            .map(|(a, &b)| a.to_f64() * b as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    out[(t * s.heads + h) * hd + d] = (first..vis)
+                        .map(|j| e[j - first] / z * v[j * width + g * hd + d].to_f64())
                         .sum::<f64>() as f32;
                 }
             }
@@ -334,11 +416,17 @@ mod tests {
 
     #[test]
     fn paged_attention_matches_plain_attention_and_ignores_the_block_order() {
-        let s = AttentionShape {
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 32,
-        };
+        for window in [None, Some(4)] {
+            check_paged(AttentionShape {
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 32,
+                window,
+            });
+        }
+    }
+
+    fn check_paged(s: AttentionShape) {
         let width = s.kv_heads * s.head_dim;
         let bs = 4;
         let (pos, seq) = (5, 6);
@@ -356,8 +444,8 @@ mod tests {
         for blocks in [[0u32, 1, 2], [4, 0, 2]] {
             let (kp, vp) = paged(&k, &v, width, bs, 5, &blocks);
             let kv = KvView {
-                k: &kp,
-                v: &vp,
+                k: KvCells::F16(&kp),
+                v: KvCells::F16(&vp),
                 blocks: &blocks,
                 block_size: bs,
             };
@@ -377,8 +465,8 @@ mod tests {
         let blocks = [3u32];
         let (kp, vp) = paged(&k[..width], &v[..width], width, bs, 5, &blocks);
         let kv = KvView {
-            k: &kp,
-            v: &vp,
+            k: KvCells::F16(&kp),
+            v: KvCells::F16(&vp),
             blocks: &blocks,
             block_size: bs,
         };
@@ -386,6 +474,27 @@ mod tests {
         attend(&q[..s.heads * s.head_dim], 1, 0, kv, s, 0.2, &mut one);
         for d in 0..s.head_dim {
             assert_eq!(one[d], v[d].to_f32());
+        }
+
+        // An f32 cache holding the same values gives the unrounded result: closer to
+        // f64 attention over those values than the f16 path.
+        let blocks = [0u32, 1, 2];
+        let (kp, vp) = paged(&k, &v, width, bs, 5, &blocks);
+        let (k32, v32): (Vec<f32>, Vec<f32>) = (
+            kp.iter().map(|x| x.to_f32()).collect(),
+            vp.iter().map(|x| x.to_f32()).collect(),
+        );
+        let kv = KvView {
+            k: KvCells::F32(&k32),
+            v: KvCells::F32(&v32),
+            blocks: &blocks,
+            block_size: bs,
+        };
+        let mut exact = vec![0f32; q.len()];
+        attend(&q, seq, pos, kv, s, 0.2, &mut exact);
+        let exact_ref = reference_unrounded(&q, seq, pos, &k, &v, s, 0.2);
+        for (a, b) in exact.iter().zip(&exact_ref) {
+            assert!((a - b).abs() < 2e-5, "{a} vs {b}");
         }
     }
 }

@@ -43,10 +43,11 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Opens the GGUF at `path`, validates it, and puts its weights on `device`.
+    /// Opens the model at `path` (a GGUF file or a Hugging Face folder), validates it, and
+    /// puts its weights on `device`.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, EngineError> {
         let info = GgufModel::open(path)?;
-        let model = Llama::load(&info.file, &info.config, device)?;
+        let model = Llama::load(&info.weights, &info.config, device)?;
         Ok(Self {
             model,
             info,

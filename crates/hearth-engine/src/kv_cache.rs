@@ -15,6 +15,7 @@
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfBitsSliceExt;
+use hearth_kernels::attention::KvCells;
 
 use crate::EngineError;
 
@@ -53,10 +54,46 @@ impl BlockTable {
     }
 }
 
-struct HostLayer {
+/// What a host cache stores its cells as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    /// Half the memory; llama.cpp's default (and bit-compatible with it).
+    #[default]
+    F16,
+    /// Full precision, for f32 models checked against f32 references.
+    F32,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            _ => Err(format!("`{s}` is not a KV cache dtype (f16, f32)")),
+        }
+    }
+}
+
+enum HostLayer {
     /// f16 bits; `u16` so that the allocation is zeroed lazily by the OS.
-    k: Vec<u16>,
-    v: Vec<u16>,
+    F16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
+    },
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
 }
 
 enum Storage {
@@ -71,6 +108,7 @@ pub struct KvCache {
     num_kv_heads: usize,
     head_dim: usize,
     num_blocks: usize,
+    dtype: KvDtype,
     /// Free block ids; taken from the end.
     free: Vec<u32>,
 }
@@ -85,11 +123,19 @@ impl KvCache {
         device: &Device,
     ) -> Result<Self, EngineError> {
         let host = device.is_cpu();
-        Self::with_layout(num_layers, num_kv_heads, head_dim, num_blocks, device, host)
+        Self::with_layout(
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            num_blocks,
+            device,
+            host,
+            KvDtype::F16,
+        )
     }
 
-    /// Like [`KvCache::new`]; `host` picks plain memory for the CPU kernels, else candle
-    /// tensors on `device`.
+    /// Like [`KvCache::new`]; `host` picks plain memory for the CPU kernels (cells of
+    /// `dtype`), else f16 candle tensors on `device`.
     pub fn with_layout(
         num_layers: usize,
         num_kv_heads: usize,
@@ -97,6 +143,7 @@ impl KvCache {
         num_blocks: usize,
         device: &Device,
         host: bool,
+        dtype: KvDtype,
     ) -> Result<Self, EngineError> {
         if num_blocks == 0 || num_blocks > u32::MAX as usize {
             return Err(EngineError::Input(format!(
@@ -108,9 +155,15 @@ impl KvCache {
         let storage = if host {
             Storage::Host(
                 (0..num_layers)
-                    .map(|_| HostLayer {
-                        k: vec![0u16; cells * width],
-                        v: vec![0u16; cells * width],
+                    .map(|_| match dtype {
+                        KvDtype::F16 => HostLayer::F16 {
+                            k: vec![0u16; cells * width],
+                            v: vec![0u16; cells * width],
+                        },
+                        KvDtype::F32 => HostLayer::F32 {
+                            k: vec![0f32; cells * width],
+                            v: vec![0f32; cells * width],
+                        },
                     })
                     .collect(),
             )
@@ -131,13 +184,19 @@ impl KvCache {
             num_kv_heads,
             head_dim,
             num_blocks,
+            dtype: if host { dtype } else { KvDtype::F16 },
             free: (0..num_blocks as u32).rev().collect(),
         })
     }
 
-    /// Bytes one block takes over all layers (keys and values).
-    pub fn block_bytes(num_layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
-        num_layers * 2 * BLOCK_SIZE * num_kv_heads * head_dim * std::mem::size_of::<f16>()
+    /// Bytes one block of `dtype` cells takes over all layers (keys and values).
+    pub fn block_bytes(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        dtype: KvDtype,
+    ) -> usize {
+        num_layers * 2 * BLOCK_SIZE * num_kv_heads * head_dim * dtype.bytes()
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -164,7 +223,13 @@ impl KvCache {
 
     /// Bytes held by the pool.
     pub fn size_bytes(&self) -> usize {
-        self.num_blocks * Self::block_bytes(self.num_layers, self.num_kv_heads, self.head_dim)
+        self.num_blocks
+            * Self::block_bytes(
+                self.num_layers,
+                self.num_kv_heads,
+                self.head_dim,
+                self.dtype,
+            )
     }
 
     /// Grows `table` to hold `total` tokens. All or nothing: when the pool has too few
@@ -198,30 +263,54 @@ impl KvCache {
         let Storage::Host(layers) = &mut self.storage else {
             return Err(EngineError::Device("host write to a device cache".into()));
         };
-        let l = &mut layers[layer];
-        for (t, (krow, vrow)) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
-            let pos = table.len + t;
-            let block = table.blocks[pos / BLOCK_SIZE] as usize;
-            let within = pos % BLOCK_SIZE;
+        /// Writes one token's keys (a row) and values (a column of its block).
+        fn put<T: Copy>(
+            k: &mut [T],
+            v: &mut [T],
+            (krow, vrow): (&[f32], &[f32]),
+            (block, within, width): (usize, usize, usize),
+            cast: impl Fn(f32) -> T,
+        ) {
             let cell = block * BLOCK_SIZE + within;
-            for (dst, &x) in l.k[cell * width..(cell + 1) * width].iter_mut().zip(krow) {
-                *dst = f16::from_f32(x).to_bits();
+            for (dst, &x) in k[cell * width..(cell + 1) * width].iter_mut().zip(krow) {
+                *dst = cast(x);
             }
-            let vb = &mut l.v[block * BLOCK_SIZE * width..(block + 1) * BLOCK_SIZE * width];
+            let vb = &mut v[block * BLOCK_SIZE * width..(block + 1) * BLOCK_SIZE * width];
             for (row, &x) in vrow.iter().enumerate() {
-                vb[row * BLOCK_SIZE + within] = f16::from_f32(x).to_bits();
+                vb[row * BLOCK_SIZE + within] = cast(x);
+            }
+        }
+        let l = &mut layers[layer];
+        for (t, rows) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
+            let pos = table.len + t;
+            let at = (
+                table.blocks[pos / BLOCK_SIZE] as usize,
+                pos % BLOCK_SIZE,
+                width,
+            );
+            match l {
+                HostLayer::F16 { k, v } => put(k, v, rows, at, |x| f16::from_f32(x).to_bits()),
+                HostLayer::F32 { k, v } => put(k, v, rows, at, |x| x),
             }
         }
         Ok(())
     }
 
     /// CPU: one layer's keys and transposed values, for all blocks.
-    pub(crate) fn host_layer(&self, layer: usize) -> Result<(&[f16], &[f16]), EngineError> {
+    pub(crate) fn host_layer(
+        &self,
+        layer: usize,
+    ) -> Result<(KvCells<'_>, KvCells<'_>), EngineError> {
         let Storage::Host(layers) = &self.storage else {
             return Err(EngineError::Device("host read of a device cache".into()));
         };
-        let l = &layers[layer];
-        Ok((l.k.reinterpret_cast(), l.v.reinterpret_cast()))
+        Ok(match &layers[layer] {
+            HostLayer::F16 { k, v } => (
+                KvCells::F16(k.reinterpret_cast()),
+                KvCells::F16(v.reinterpret_cast()),
+            ),
+            HostLayer::F32 { k, v } => (KvCells::F32(k), KvCells::F32(v)),
+        })
     }
 
     /// GPU: writes `k`, `v` (seq, kv_heads, head_dim) after `table`'s committed tokens and
@@ -299,24 +388,33 @@ mod tests {
 
     #[test]
     fn host_writes_land_in_the_tables_cells() {
-        let mut c = KvCache::new(1, 2, 2, 3, &Device::Cpu).unwrap();
-        let (mut other, mut t) = (BlockTable::new(), BlockTable::new());
-        assert!(c.allocate(&mut other, 1)); // so t does not start at block 0
-        assert!(c.allocate(&mut t, BLOCK_SIZE + 1));
-        let width = 4;
-        let rows = BLOCK_SIZE + 1;
-        let k: Vec<f32> = (0..rows * width).map(|i| i as f32).collect();
-        let v: Vec<f32> = (0..rows * width).map(|i| -(i as f32)).collect();
-        c.write_host(0, &t, &k, &v).unwrap();
-        KvCache::commit(&mut t, rows);
-        let (kc, vc) = c.host_layer(0).unwrap();
-        for pos in 0..rows {
-            let block = t.blocks()[pos / BLOCK_SIZE] as usize;
-            let cell = block * BLOCK_SIZE + pos % BLOCK_SIZE;
-            for d in 0..width {
-                assert_eq!(kc[cell * width + d].to_f32(), (pos * width + d) as f32);
-                let vv = vc[block * BLOCK_SIZE * width + d * BLOCK_SIZE + pos % BLOCK_SIZE];
-                assert_eq!(vv.to_f32(), -((pos * width + d) as f32));
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let mut c = KvCache::with_layout(1, 2, 2, 3, &Device::Cpu, true, dtype).unwrap();
+            assert_eq!(c.size_bytes(), 3 * KvCache::block_bytes(1, 2, 2, dtype));
+            let (mut other, mut t) = (BlockTable::new(), BlockTable::new());
+            assert!(c.allocate(&mut other, 1)); // so t does not start at block 0
+            assert!(c.allocate(&mut t, BLOCK_SIZE + 1));
+            let width = 4;
+            let rows = BLOCK_SIZE + 1;
+            // Values exact in f16, and one that is not (kept whole only in f32).
+            let k: Vec<f32> = (0..rows * width).map(|i| i as f32 + 0.0001).collect();
+            let v: Vec<f32> = (0..rows * width).map(|i| -(i as f32)).collect();
+            c.write_host(0, &t, &k, &v).unwrap();
+            KvCache::commit(&mut t, rows);
+            let (kc, vc) = c.host_layer(0).unwrap();
+            for pos in 0..rows {
+                let block = t.blocks()[pos / BLOCK_SIZE] as usize;
+                let cell = block * BLOCK_SIZE + pos % BLOCK_SIZE;
+                for d in 0..width {
+                    let want = k[pos * width + d];
+                    let want = match dtype {
+                        KvDtype::F16 => f16::from_f32(want).to_f32(),
+                        KvDtype::F32 => want,
+                    };
+                    assert_eq!(kc.get(cell * width + d), want);
+                    let vv = vc.get(block * BLOCK_SIZE * width + d * BLOCK_SIZE + pos % BLOCK_SIZE);
+                    assert_eq!(vv, -((pos * width + d) as f32));
+                }
             }
         }
     }

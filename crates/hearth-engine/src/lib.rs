@@ -13,7 +13,7 @@ pub mod scheduler;
 pub use constraint::{Constraint, Constraints, Grammar, GrammarError};
 pub use device::parse_device;
 pub use generate::{FinishReason, GenerationStats, LoadedModel};
-pub use kv_cache::{BlockTable, KvCache, BLOCK_SIZE};
+pub use kv_cache::{BlockTable, KvCache, KvDtype, BLOCK_SIZE};
 pub use llama::{BatchItem, Llama};
 pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{Event, Request, SchedulerConfig, SchedulerHandle, SubmitError};

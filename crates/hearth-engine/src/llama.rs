@@ -1,7 +1,11 @@
-//! The Llama decoder (Llama 1–3, SmolLM, Mistral) over quantized GGUF weights.
+//! The decoder of the Llama family (Llama 1–3, SmolLM, TinyLlama, Mistral, Qwen2/2.5,
+//! Qwen3) over GGUF or safetensors weights.
 //!
 //! Pre-norm blocks: RMSNorm → grouped-query attention with interleaved RoPE → residual,
-//! RMSNorm → SwiGLU MLP → residual.
+//! RMSNorm → SwiGLU MLP → residual. Switches from the config: q/k/v biases (Qwen2),
+//! per-head q/k RMSNorm (Qwen3), a sliding attention window (Mistral), llama3 rope
+//! scaling. Weights whose q/k rows rotate halves (Hugging Face checkpoints, Qwen GGUFs)
+//! have those rows reordered at load into adjacent pairs, so one rotation kernel serves.
 //!
 //! On the CPU the whole step runs on `hearth-kernels` over plain buffers, with llama.cpp's
 //! numerics (Q8 activations, f16 KV cache, ggml's expf and summation orders), so greedy
@@ -16,9 +20,11 @@ use hearth_kernels::attention::{attend, AttentionShape, KvView};
 use hearth_kernels::math::{rms_norm, swiglu_in_place};
 use hearth_kernels::matmul::{QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
-use hearth_models::{GgmlType, GgufFile, ModelConfig, RopeScaling, TensorInfo};
+use std::borrow::Cow;
 
-use crate::kv_cache::{BlockTable, KvCache, BLOCK_SIZE};
+use hearth_models::{GgmlType, ModelConfig, RopeScaling, TensorInfo, Weights};
+
+use crate::kv_cache::{BlockTable, KvCache, KvDtype, BLOCK_SIZE};
 use crate::EngineError;
 
 /// A weight matrix applied as `x · Wᵀ`: our own kernels for the formats they cover on the
@@ -170,18 +176,63 @@ fn native_format(t: GgmlType) -> Option<QFormat> {
     }
 }
 
-/// Reads named tensors out of a GGUF file onto a device.
+/// Reorders the rows of a q/k projection (or the entries of its bias or norm) from
+/// rotate-half layout to adjacent pairs: in each head of `head_dim` rows, row `i` and
+/// row `i + rope_dim/2` become rows `2i` and `2i + 1` (rows past `rope_dim` stay).
+fn pairs_from_halves(bytes: &[u8], rows: usize, head_dim: usize, rope_dim: usize) -> Vec<u8> {
+    let row = bytes.len() / rows;
+    let half = rope_dim / 2;
+    let mut out = bytes.to_vec();
+    for h in 0..rows / head_dim {
+        let base = h * head_dim;
+        for i in 0..half {
+            for (dst, src) in [(2 * i, i), (2 * i + 1, i + half)] {
+                let (d, s) = ((base + dst) * row, (base + src) * row);
+                out[d..d + row].copy_from_slice(&bytes[s..s + row]);
+            }
+        }
+    }
+    out
+}
+
+/// Reads named tensors out of a model's weights onto a device.
 struct Loader<'a> {
-    file: &'a GgufFile,
+    weights: &'a Weights,
     device: &'a Device,
+    config: &'a ModelConfig,
 }
 
 impl Loader<'_> {
     fn info(&self, name: &str) -> Result<&TensorInfo, EngineError> {
-        self.file
-            .tensors
+        self.weights
+            .tensors()
             .get(name)
             .ok_or_else(|| EngineError::Load(format!("missing tensor `{name}`")))
+    }
+
+    /// The tensor's bytes; q/k rows (and their biases and norms) of a rotate-half model
+    /// reordered into adjacent pairs.
+    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>, EngineError> {
+        let info = self.info(name)?;
+        let data = self.weights.tensor_data(info);
+        let c = self.config;
+        let qk = [".attn_q.", ".attn_k.", ".attn_q_norm.", ".attn_k_norm."]
+            .iter()
+            .any(|p| name.contains(p));
+        if !(c.rope_neox && qk) {
+            return Ok(Cow::Borrowed(data));
+        }
+        // Rows: the outermost dimension (the only one of a bias or norm).
+        let rows = *info.dims.last().unwrap_or(&1);
+        if rows % c.head_dim != 0 {
+            return Err(EngineError::Load(format!(
+                "tensor `{name}`: {rows} rows are not whole heads of {}",
+                c.head_dim
+            )));
+        }
+        Ok(Cow::Owned(pairs_from_halves(
+            data, rows, c.head_dim, c.rope_dim,
+        )))
     }
 
     fn qtensor(&self, name: &str) -> Result<QTensor, EngineError> {
@@ -189,7 +240,7 @@ impl Loader<'_> {
         // The reader guarantees the slice holds exactly the tensor's bytes.
         qtensor_from_ggml(
             candle_dtype(info.dtype),
-            self.file.tensor_data(info),
+            &self.bytes(name)?,
             info.shape(),
             self.device,
         )
@@ -200,7 +251,7 @@ impl Loader<'_> {
         let info = self.info(name)?;
         let format = native_format(info.dtype);
         if let (Some(format), true, &[k, n]) = (format, self.device.is_cpu(), &info.dims[..]) {
-            let w = QMatrix::from_bytes(format, self.file.tensor_data(info), n, k)
+            let w = QMatrix::from_bytes(format, &self.bytes(name)?, n, k)
                 .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
             return Ok(Linear::Native(w));
         }
@@ -223,8 +274,8 @@ impl Loader<'_> {
         if let (Some(format), true, Some(k)) = (format, stackable, k) {
             let rows: [usize; N] = std::array::from_fn(|i| infos[i].dims[1]);
             let mut bytes = Vec::new();
-            for i in &infos {
-                bytes.extend_from_slice(self.file.tensor_data(i));
+            for n in &names {
+                bytes.extend_from_slice(&self.bytes(n)?);
             }
             let w = QMatrix::from_bytes(format, &bytes, rows.iter().sum(), k)
                 .map_err(|e| EngineError::Load(format!("tensors {names:?}: {e}")))?;
@@ -250,6 +301,19 @@ impl Loader<'_> {
         let host = tensor.to_vec1::<f32>()?;
         Ok(Norm { host, tensor })
     }
+
+    /// The q, k, v biases of layer `i`, if the model has them.
+    fn qkv_bias(&self, i: usize) -> Result<Option<[Norm; 3]>, EngineError> {
+        if !self.config.attn_bias {
+            return Ok(None);
+        }
+        let p = |n: &str| format!("blk.{i}.{n}.bias");
+        Ok(Some([
+            self.norm(&p("attn_q"))?,
+            self.norm(&p("attn_k"))?,
+            self.norm(&p("attn_v"))?,
+        ]))
+    }
 }
 
 /// An RMSNorm weight, kept both as host memory and as a device tensor.
@@ -262,6 +326,10 @@ struct Block {
     attn_norm: Norm,
     /// q, k, v.
     qkv: Fused<3>,
+    /// Biases of q, k, v (Qwen2).
+    qkv_bias: Option<[Norm; 3]>,
+    /// Per-head RMSNorm weights of q and k (Qwen3).
+    qk_norm: Option<[Norm; 2]>,
     wo: Linear,
     ffn_norm: Norm,
     /// gate, up.
@@ -288,15 +356,21 @@ pub struct Llama {
     rope_factors: Option<Vec<f32>>,
     /// Run the candle-tensor path (the one GPUs take) even on the CPU.
     tensor_path: bool,
+    /// What host KV caches store.
+    kv_dtype: KvDtype,
 }
 
 impl Llama {
     pub fn load(
-        file: &GgufFile,
+        weights: &Weights,
         config: &ModelConfig,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        let l = Loader { file, device };
+        let l = Loader {
+            weights,
+            device,
+            config,
+        };
         let embeddings = Arc::new(l.linear("token_embd.weight")?);
         let output = if config.tied_embeddings {
             embeddings.clone()
@@ -309,14 +383,20 @@ impl Llama {
             blocks.push(Block {
                 attn_norm: l.norm(&p("attn_norm"))?,
                 qkv: l.fused([p("attn_q"), p("attn_k"), p("attn_v")])?,
+                qkv_bias: l.qkv_bias(i)?,
+                qk_norm: match config.qk_norm {
+                    true => Some([l.norm(&p("attn_q_norm"))?, l.norm(&p("attn_k_norm"))?]),
+                    false => None,
+                },
                 wo: l.linear(&p("attn_output"))?,
                 ffn_norm: l.norm(&p("ffn_norm"))?,
                 gate_up: l.fused([p("ffn_gate"), p("ffn_up")])?,
                 w_down: l.linear(&p("ffn_down"))?,
             });
         }
-        let rope_factors = match config.rope_scaling {
+        let rope_factors = match &config.rope_scaling {
             RopeScaling::FrequencyFactors => Some(l.norm("rope_freqs.weight")?.host),
+            RopeScaling::Factors(f) => Some(f.clone()),
             _ => None,
         };
         Ok(Self {
@@ -328,6 +408,7 @@ impl Llama {
             output,
             rope_factors,
             tensor_path: false,
+            kv_dtype: KvDtype::F16,
         })
     }
 
@@ -336,6 +417,12 @@ impl Llama {
     #[doc(hidden)]
     pub fn use_tensor_path(&mut self) {
         self.tensor_path = true;
+    }
+
+    /// Host KV caches made after this store `dtype` cells (f32: attention without f16
+    /// rounding, for f32 models checked against f32 references; twice the memory).
+    pub fn set_kv_dtype(&mut self, dtype: KvDtype) {
+        self.kv_dtype = dtype;
     }
 
     fn host_path(&self) -> bool {
@@ -360,6 +447,7 @@ impl Llama {
             num_blocks,
             &self.device,
             self.host_path(),
+            self.kv_dtype,
         )
     }
 
@@ -373,7 +461,12 @@ impl Llama {
     /// Bytes one KV block takes.
     pub fn kv_block_bytes(&self) -> usize {
         let c = &self.config;
-        KvCache::block_bytes(c.num_layers, c.num_kv_heads, c.head_dim)
+        let dtype = if self.host_path() {
+            self.kv_dtype
+        } else {
+            KvDtype::F16
+        };
+        KvCache::block_bytes(c.num_layers, c.num_kv_heads, c.head_dim, dtype)
     }
 
     /// Runs `tokens` (at positions `table.len()..`) through the decoder, appends their
@@ -486,7 +579,22 @@ impl Llama {
         let mut att = vec![0f32; rows * qw];
         for (layer, b) in self.blocks.iter().enumerate() {
             rms_norm(&x, &b.attn_norm.host, c.rms_norm_eps, &mut normed);
-            let [mut q, mut k, v] = b.qkv.forward_host(&normed, rows)?;
+            let [mut q, mut k, mut v] = b.qkv.forward_host(&normed, rows)?;
+            if let Some(bias) = &b.qkv_bias {
+                for (t, bias) in [&mut q, &mut k, &mut v].into_iter().zip(bias) {
+                    for row in t.chunks_exact_mut(bias.host.len()) {
+                        row.iter_mut().zip(&bias.host).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            if let Some([qn, kn]) = &b.qk_norm {
+                // Each head's vector normalised on its own (rms_norm's rows are the
+                // weight's length: one head).
+                for (t, w) in [(&mut q, qn), (&mut k, kn)] {
+                    let src = t.clone();
+                    rms_norm(&src, &w.host, c.rms_norm_eps, t);
+                }
+            }
             for ((item, rope), &start) in items.iter_mut().zip(ropes).zip(&starts) {
                 let seq = item.tokens.len();
                 let pos = item.table.len();
@@ -498,6 +606,7 @@ impl Llama {
                     heads: nh,
                     kv_heads: nkv,
                     head_dim: hd,
+                    window: c.sliding_window,
                 };
                 let vi = &v[start * kvw..(start + seq) * kvw];
                 cache.write_host(layer, item.table, ki, vi)?;
@@ -551,14 +660,28 @@ impl Llama {
         let total = pos + seq;
         let x = self.embeddings.rows_host(tokens)?;
         let mut x = Tensor::from_vec(x, (seq, c.hidden_size), &self.device)?;
-        let mask = if seq > 1 {
-            Some(causal_mask(seq, pos, &self.device)?)
+        let windowed = c.sliding_window.is_some_and(|w| total > w);
+        let mask = if seq > 1 || windowed {
+            Some(causal_mask(seq, pos, c.sliding_window, &self.device)?)
         } else {
             None
         };
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm.tensor, eps)?;
-            let [q, k, v] = b.qkv.forward(&h)?;
+            let [mut q, mut k, mut v] = b.qkv.forward(&h)?;
+            if let Some([bq, bk, bv]) = &b.qkv_bias {
+                q = q.broadcast_add(&bq.tensor)?;
+                k = k.broadcast_add(&bk.tensor)?;
+                v = v.broadcast_add(&bv.tensor)?;
+            }
+            if let Some([qn, kn]) = &b.qk_norm {
+                let per_head = |t: &Tensor, n: usize, w: &Norm| -> candle_core::Result<Tensor> {
+                    candle_nn::ops::rms_norm(&t.reshape((seq * n, hd))?, &w.tensor, eps)?
+                        .reshape((seq, n * hd))
+                };
+                q = per_head(&q, nh, qn)?;
+                k = per_head(&k, nkv, kn)?;
+            }
             let q = self.rope_device(&q, nh, rope)?;
             let k = self.rope_device(&k, nkv, rope)?;
             // (seq, heads*hd) -> (heads, seq, hd)
@@ -635,11 +758,26 @@ fn round_f16(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_dtype(DType::F16)?.to_dtype(DType::F32)
 }
 
-/// (seq, pos + seq): 0 where query i may see key j, -inf after it.
-fn causal_mask(seq: usize, pos: usize, device: &Device) -> Result<Tensor, EngineError> {
+/// (seq, pos + seq): 0 where query i may see key j, -inf after it (and, with a sliding
+/// window of `w`, at or before `pos + i - w`).
+fn causal_mask(
+    seq: usize,
+    pos: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor, EngineError> {
     let total = pos + seq;
     let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                let too_old = window.is_some_and(|w| j + w <= pos + i);
+                if j > pos + i || too_old {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (seq, total), device)?)
 }

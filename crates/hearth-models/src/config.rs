@@ -1,21 +1,33 @@
-//! The typed shape of a model, read from GGUF metadata and checked against its tensors.
+//! The typed shape of a model, read from GGUF metadata or a Hugging Face `config.json`,
+//! and checked against its tensors.
 
-use crate::gguf::{GgufError, GgufFile};
+use std::collections::BTreeMap;
 
-/// Architectures whose decoder Hearth implements.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+use serde_json::Value;
 
-/// The decoder family.
+use crate::gguf::{GgufError, GgufFile, TensorInfo};
+
+/// Architectures whose decoder Hearth implements (GGUF names; Hugging Face `model_type`
+/// `mistral` is read as `llama` with a sliding window).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// The decoder family: one decoder with switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
-    /// Llama 1/2/3, SmolLM, Mistral (GGUF stores Mistral as `llama`).
+    /// Llama 1/2/3, SmolLM, TinyLlama, Mistral.
     Llama,
+    /// Qwen2 / Qwen2.5: biases on q, k and v.
+    Qwen2,
+    /// Qwen3: RMSNorm on each head of q and k.
+    Qwen3,
 }
 
 impl Architecture {
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
 }
@@ -30,6 +42,8 @@ pub enum RopeScaling {
     },
     /// Per-frequency factors shipped in the file (`rope_freqs.weight`, Llama 3.1 style).
     FrequencyFactors,
+    /// Per-frequency divisors computed from a `config.json` (`rope_type: llama3`).
+    Factors(Vec<f32>),
 }
 
 /// Everything the engine needs to know about a model's shape.
@@ -51,6 +65,15 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     /// The output projection reuses the token embedding matrix.
     pub tied_embeddings: bool,
+    /// q, k and v projections carry biases.
+    pub attn_bias: bool,
+    /// q and k are RMS-normalised per head before the rotation.
+    pub qk_norm: bool,
+    /// Each position attends to at most this many positions (itself included).
+    pub sliding_window: Option<usize>,
+    /// q/k weights rotate halves (`rotate_half`, GPT-NeoX style) rather than adjacent
+    /// pairs: the loader reorders their rows so one rotation kernel serves both.
+    pub rope_neox: bool,
 }
 
 /// Upper bounds that no real model reaches; metadata beyond them is corrupt.
@@ -66,6 +89,8 @@ impl ModelConfig {
             .ok_or_else(|| f.error("missing metadata key `general.architecture`"))?;
         let architecture = match arch {
             "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
             other => {
                 return Err(f.error(format!(
                     "unsupported architecture `{other}` (supported: {})",
@@ -175,14 +200,143 @@ impl ModelConfig {
             rms_norm_eps,
             vocab_size,
             tied_embeddings,
+            attn_bias: architecture == Architecture::Qwen2,
+            qk_norm: architecture == Architecture::Qwen3,
+            sliding_window: None,
+            rope_neox: architecture != Architecture::Llama,
         };
-        config.check_tensors(f)?;
+        config.check_tensors(&f.tensors).map_err(|m| f.error(m))?;
+        Ok(config)
+    }
+
+    /// Reads a Hugging Face `config.json` (`model_type` llama, mistral, qwen2, qwen3),
+    /// checked against the folder's tensors. Errors are plain messages; the caller names
+    /// the file.
+    pub fn from_hf(c: &Value, tensors: &BTreeMap<String, TensorInfo>) -> Result<Self, String> {
+        let model_type = c["model_type"].as_str().unwrap_or("");
+        let architecture = match model_type {
+            "llama" | "mistral" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
+            other => {
+                return Err(format!(
+                    "unsupported model_type `{other}` (supported: llama, mistral, qwen2, qwen3)"
+                ))
+            }
+        };
+        let int = |k: &str| -> Result<Option<usize>, String> {
+            match &c[k] {
+                Value::Null => Ok(None),
+                v => match v.as_u64() {
+                    Some(n) if n > 0 && n <= MAX_DIM.max(MAX_CONTEXT) => Ok(Some(n as usize)),
+                    _ => Err(format!("`{k}` = {v} is not a positive integer in range")),
+                },
+            }
+        };
+        let need = |k: &str| int(k)?.ok_or_else(|| format!("`{k}` is missing"));
+        let hidden_size = need("hidden_size")?;
+        let num_heads = need("num_attention_heads")?;
+        let num_kv_heads = int("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = int("head_dim")?.unwrap_or(hidden_size / num_heads);
+        if num_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            ));
+        }
+        if !head_dim.is_multiple_of(2) {
+            return Err(format!("head_dim {head_dim} must be even"));
+        }
+        let act = c["hidden_act"].as_str().unwrap_or("silu");
+        if act != "silu" {
+            return Err(format!("hidden_act `{act}` is not supported (silu only)"));
+        }
+        if c["mlp_bias"].as_bool() == Some(true) {
+            return Err("mlp_bias is not supported".into());
+        }
+        // transformers 5 keeps theta and scaling in `rope_parameters`.
+        let params = &c["rope_parameters"];
+        let rope_theta = params["rope_theta"]
+            .as_f64()
+            .or(c["rope_theta"].as_f64())
+            .unwrap_or(10_000.0) as f32;
+        if !(rope_theta.is_finite() && rope_theta > 1.0) {
+            return Err(format!("rope_theta {rope_theta} is invalid"));
+        }
+        let scaling = if params.is_object() {
+            params
+        } else {
+            &c["rope_scaling"]
+        };
+        let rope_type = scaling["rope_type"]
+            .as_str()
+            .or(scaling["type"].as_str())
+            .unwrap_or("default");
+        let rope_scaling = match rope_type {
+            "default" => RopeScaling::None,
+            "linear" => {
+                let factor = scaling["factor"].as_f64().unwrap_or(1.0) as f32;
+                if !(factor.is_finite() && factor > 0.0) {
+                    return Err(format!("rope scaling factor {factor} is invalid"));
+                }
+                RopeScaling::Linear { factor }
+            }
+            "llama3" => RopeScaling::Factors(llama3_factors(scaling, rope_theta, head_dim)?),
+            other => {
+                return Err(format!(
+                    "rope scaling `{other}` is not supported (default, linear, llama3)"
+                ))
+            }
+        };
+        let sliding_window = match model_type {
+            "mistral" => int("sliding_window")?,
+            _ if c["use_sliding_window"].as_bool() == Some(true) => {
+                return Err("use_sliding_window (per-layer windows) is not supported".into())
+            }
+            _ => None,
+        };
+        let embd = tensors
+            .get("token_embd.weight")
+            .ok_or("missing tensor `model.embed_tokens.weight`")?;
+        let vocab_size = embd.dims.get(1).copied().unwrap_or(0);
+        if int("vocab_size")?.is_some_and(|v| v != vocab_size) {
+            return Err(format!(
+                "vocab_size {} does not match the embedding matrix ({vocab_size} rows)",
+                c["vocab_size"]
+            ));
+        }
+        let rms_norm_eps = c["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32;
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
+            return Err(format!("rms_norm_eps {rms_norm_eps} is invalid"));
+        }
+        let config = Self {
+            architecture,
+            name: None,
+            context_length: need("max_position_embeddings")?,
+            hidden_size,
+            intermediate_size: need("intermediate_size")?,
+            num_layers: need("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_dim: head_dim,
+            rope_theta,
+            rope_scaling,
+            rms_norm_eps,
+            vocab_size,
+            tied_embeddings: !tensors.contains_key("output.weight"),
+            attn_bias: architecture == Architecture::Qwen2
+                || c["attention_bias"].as_bool() == Some(true),
+            qk_norm: architecture == Architecture::Qwen3,
+            sliding_window,
+            rope_neox: true,
+        };
+        config.check_tensors(tensors)?;
         Ok(config)
     }
 
     /// Every tensor the decoder reads must exist with the shape the config implies, so a
     /// lying header is caught here rather than deep inside a matmul.
-    fn check_tensors(&self, f: &GgufFile) -> Result<(), GgufError> {
+    fn check_tensors(&self, tensors: &BTreeMap<String, TensorInfo>) -> Result<(), String> {
         let h = self.hidden_size;
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
@@ -204,27 +358,68 @@ impl ModelConfig {
                 (format!("{p}.ffn_up.weight"), vec![h, ff]),
                 (format!("{p}.ffn_down.weight"), vec![ff, h]),
             ]);
+            if self.attn_bias {
+                expect.extend([
+                    (format!("{p}.attn_q.bias"), vec![q]),
+                    (format!("{p}.attn_k.bias"), vec![kv]),
+                    (format!("{p}.attn_v.bias"), vec![kv]),
+                ]);
+            }
+            if self.qk_norm {
+                expect.extend([
+                    (format!("{p}.attn_q_norm.weight"), vec![self.head_dim]),
+                    (format!("{p}.attn_k_norm.weight"), vec![self.head_dim]),
+                ]);
+            }
         }
         if self.rope_scaling == RopeScaling::FrequencyFactors {
             expect.push(("rope_freqs.weight".into(), vec![self.rope_dim / 2]));
         }
         for (name, dims) in expect {
-            match f.tensors.get(&name) {
-                None => return Err(f.error(format!("missing tensor `{name}`"))),
+            match tensors.get(&name) {
+                None => return Err(format!("missing tensor `{name}`")),
                 Some(t) if t.dims != dims => {
-                    return Err(f.error(format!(
+                    return Err(format!(
                         "tensor `{name}` has dims {:?}, expected {dims:?}",
                         t.dims
-                    )))
+                    ))
                 }
                 Some(_) => {}
             }
         }
         Ok(())
     }
+}
 
-    /// Number of weights in the decoder, for reports.
-    pub fn parameter_count(&self, f: &GgufFile) -> usize {
-        f.tensors.values().map(|t| t.element_count()).sum()
+/// Llama 3's per-frequency divisors: 1 for high frequencies, `factor` for low ones, a
+/// smooth blend between (as transformers' `_compute_llama3_parameters`).
+fn llama3_factors(s: &Value, theta: f32, head_dim: usize) -> Result<Vec<f32>, String> {
+    let get = |k: &str| {
+        s[k].as_f64()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .ok_or_else(|| format!("llama3 rope scaling needs a positive `{k}`"))
+    };
+    let factor = get("factor")?;
+    let low = get("low_freq_factor")?;
+    let high = get("high_freq_factor")?;
+    let original = get("original_max_position_embeddings")?;
+    if high <= low {
+        return Err("llama3 rope scaling needs high_freq_factor > low_freq_factor".into());
     }
+    let (low_wavelen, high_wavelen) = (original / low, original / high);
+    Ok((0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect())
 }

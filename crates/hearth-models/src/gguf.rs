@@ -267,6 +267,8 @@ pub struct TensorInfo {
     /// Absolute byte offset of the data in the file.
     pub offset: usize,
     pub size_bytes: usize,
+    /// Which file of a sharded model holds it (0 for GGUF).
+    pub shard: usize,
 }
 
 impl TensorInfo {
@@ -648,6 +650,7 @@ impl<'a> Parser<'a> {
                 dtype,
                 offset: start as usize,
                 size_bytes: size as usize,
+                shard: 0,
             };
             if tensors.insert(name.clone(), info).is_some() {
                 return Err(format!("duplicate tensor `{name}`"));

@@ -309,6 +309,112 @@ impl Tokenizer {
         })
     }
 
+    /// Loads a Hugging Face `tokenizer.json`; `config` is `tokenizer_config.json` (BOS,
+    /// EOS, `add_bos_token`) and `eos_ids` the ids `generation_config.json` says end a
+    /// generation. Errors are plain messages; the caller names the file.
+    pub fn from_hf(
+        path: &std::path::Path,
+        config: &serde_json::Value,
+        eos_ids: &[u32],
+    ) -> Result<Self, String> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())?;
+        let json: serde_json::Value = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        // Byte-level BPE (GPT-2, Llama 3, Qwen) or SentencePiece-style BPE (Llama 2,
+        // Mistral): the decoder says which.
+        let decoder = json["decoder"].to_string();
+        let kind = if decoder.contains("ByteLevel") {
+            TokenizerKind::Gpt2
+        } else {
+            TokenizerKind::Spm
+        };
+        let vocab = inner.get_vocab(true);
+        let n = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+        if n == 0 {
+            return Err("the vocabulary is empty".into());
+        }
+        let mut tokens = vec![String::new(); n];
+        for (t, &i) in &vocab {
+            tokens[i as usize] = t.clone();
+        }
+        let special: std::collections::HashSet<u32> = inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&i, _)| i)
+            .collect();
+        let token_types: Vec<TokenType> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if special.contains(&(i as u32)) {
+                    TokenType::Control
+                } else if kind == TokenizerKind::Spm
+                    && t.len() == 6
+                    && t.starts_with("<0x")
+                    && t.ends_with('>')
+                {
+                    TokenType::Byte
+                } else {
+                    TokenType::Normal
+                }
+            })
+            .collect();
+        let named = |k: &str| -> Option<u32> {
+            let v = &config[k];
+            let text = v.as_str().or(v["content"].as_str())?;
+            inner.token_to_id(text)
+        };
+        let bos = named("bos_token");
+        let eos = named("eos_token").or(eos_ids.first().copied());
+        let add_bos = match config["add_bos_token"].as_bool() {
+            Some(b) => b,
+            // Otherwise as the post-processor does it.
+            None => inner
+                .encode("a", true)
+                .ok()
+                .and_then(|e| e.get_ids().first().copied())
+                .is_some_and(|first| Some(first) == bos),
+        } && bos.is_some();
+        let mut eog: Vec<u32> = eos.into_iter().collect();
+        for &id in eos_ids {
+            if (id as usize) < n && !eog.contains(&id) {
+                eog.push(id);
+            }
+        }
+        for (i, (s, t)) in tokens.iter().zip(&token_types).enumerate() {
+            if *t == TokenType::Control
+                && matches!(
+                    s.as_str(),
+                    "<|eot_id|>"
+                        | "<|im_end|>"
+                        | "<|end|>"
+                        | "<end_of_turn>"
+                        | "<|eom_id|>"
+                        | "</s>"
+                )
+                && !eog.contains(&(i as u32))
+            {
+                eog.push(i as u32);
+            }
+        }
+        let token_bytes = token_byte_table(kind, &tokens, &token_types);
+        Ok(Self {
+            inner,
+            kind,
+            tokens,
+            token_types,
+            token_bytes,
+            bos,
+            eos,
+            eog,
+            add_bos,
+            add_space_prefix: kind == TokenizerKind::Spm,
+        })
+    }
+
     pub fn kind(&self) -> TokenizerKind {
         self.kind
     }
