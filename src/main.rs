@@ -42,7 +42,8 @@ enum Command {
 /// Flags shared by every command that loads a model.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file, or a model name from models/manifest.toml. Default: the default model.
+    /// A GGUF file, a Hugging Face model folder, `org/name[@revision]` from the local
+    /// Hugging Face cache, or a name from models/manifest.toml. Default: the default model.
     #[arg(short = 'm', long = "model", env = "HEARTH_MODEL")]
     pub model: Option<String>,
     /// The model file's expected sha256: a mismatch refuses to load it. Without it, the
@@ -52,6 +53,10 @@ pub struct ModelArgs {
     /// Refuse a model file that no --sha256 or manifest pins.
     #[arg(long)]
     pub require_pin: bool,
+    /// What the KV cache stores on the CPU: f16 (half the memory, llama.cpp's numerics)
+    /// or f32 (full precision, e.g. for f32 models checked against transformers).
+    #[arg(long, default_value = "f16")]
+    pub kv_cache_dtype: hearth_engine::KvDtype,
     /// cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "cpu", env = "HEARTH_DEVICE")]
     pub device: String,
@@ -76,10 +81,11 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<hearth_engine::LoadedModel> {
         let threads = self.threads()?;
         let path = hearth_models::locate::resolve_model(self.model.as_deref())?;
-        models::check_pin(&path, self.sha256.as_deref(), self.require_pin)?;
         let device = hearth_engine::parse_device(&self.device)?;
+        models::check_pin(&path, self.sha256.as_deref(), self.require_pin)?;
         let start = std::time::Instant::now();
-        let model = hearth_engine::LoadedModel::load(&path, &device)?;
+        let mut model = hearth_engine::LoadedModel::load(&path, &device)?;
+        model.model.set_kv_dtype(self.kv_cache_dtype);
         tracing::info!(
             path = %path.display(),
             elapsed_ms = start.elapsed().as_millis() as u64,

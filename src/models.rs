@@ -44,46 +44,35 @@ enum ModelsCommand {
     },
 }
 
-/// Progress on stderr while hashing a big file: a bar on a terminal, else a line at the
-/// start and one at the end.
+/// Progress on stderr while hashing a big file, when stderr is a terminal (a bar);
+/// otherwise silent, so errors stay one line (the log at info level records each check).
 pub fn progress(path: &Path) -> impl FnMut(u64, u64) {
     let tty = std::io::stderr().is_terminal();
     let name = path.display().to_string();
     let start = Instant::now();
     let mut shown = None;
     move |done: u64, total: u64| {
-        if total < 64 << 20 {
+        if !tty || total < 64 << 20 {
             return;
         }
         let pct = done * 100 / total.max(1);
         if shown == Some(pct) {
             return;
         }
-        let first = shown.is_none();
         shown = Some(pct);
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let mut err = std::io::stderr().lock();
-        if tty {
-            let filled = (pct / 4) as usize;
-            let _ = write!(
-                err,
-                "\rhearth: sha256 {name} [{}{}] {pct:3}% {:.0}/{:.0} MiB",
-                "#".repeat(filled),
-                " ".repeat(25 - filled),
-                mib(done),
-                mib(total)
-            );
-            if done == total {
-                let _ = writeln!(err, " {:.1} s", start.elapsed().as_secs_f64());
-            }
-        } else if first {
-            let _ = writeln!(err, "hearth: sha256 {name} ({:.0} MiB) ...", mib(total));
-        } else if done == total {
-            let _ = writeln!(
-                err,
-                "hearth: sha256 {name} done in {:.1} s",
-                start.elapsed().as_secs_f64()
-            );
+        let filled = (pct / 4) as usize;
+        let _ = write!(
+            err,
+            "\rhearth: sha256 {name} [{}{}] {pct:3}% {:.0}/{:.0} MiB",
+            "#".repeat(filled),
+            " ".repeat(25 - filled),
+            mib(done),
+            mib(total)
+        );
+        if done == total {
+            let _ = writeln!(err, " {:.1} s", start.elapsed().as_secs_f64());
         }
     }
 }
@@ -91,6 +80,9 @@ pub fn progress(path: &Path) -> impl FnMut(u64, u64) {
 /// Checks `path` against its pin before it is loaded (the hash cache makes unchanged files
 /// fast). Unpinned files load with a warning, or are refused with `require`.
 pub fn check_pin(path: &Path, explicit: Option<&str>, require: bool) -> anyhow::Result<()> {
+    if path.is_dir() {
+        return check_folder_pins(path, explicit, require);
+    }
     let Some(p) = pin::find_pin(path, explicit)? else {
         if require {
             anyhow::bail!(
@@ -112,6 +104,40 @@ pub fn check_pin(path: &Path, explicit: Option<&str>, require: bool) -> anyhow::
         elapsed_ms = start.elapsed().as_millis() as u64,
         "model file verified"
     );
+    Ok(())
+}
+
+/// A model folder is pinned file by file by a `manifest.toml` inside it (one entry per
+/// file: weights, tokenizer, config); every file it lists must match.
+fn check_folder_pins(dir: &Path, explicit: Option<&str>, require: bool) -> anyhow::Result<()> {
+    if explicit.is_some() {
+        anyhow::bail!(
+            "{}: --sha256 pins one file; pin a model folder by listing its files in {}/manifest.toml",
+            dir.display(),
+            dir.display()
+        );
+    }
+    if !dir.join(locate::MANIFEST).is_file() {
+        if require {
+            anyhow::bail!(
+                "{}: no manifest.toml in the folder pins its files; --require-pin refuses unpinned models",
+                dir.display()
+            );
+        }
+        tracing::info!(path = %dir.display(), "the model folder is not pinned by a manifest.toml");
+        return Ok(());
+    }
+    let manifest = locate::read_manifest(dir)?;
+    let cache = HashCache::default_location();
+    for e in &manifest.entries {
+        let file = manifest.path_of(e);
+        let p = pin::Pin {
+            sha256: e.sha256.clone(),
+            from: format!("{} (`{}`)", dir.join(locate::MANIFEST).display(), e.name),
+        };
+        pin::verify(&file, &p, cache.as_ref(), &mut progress(&file))?;
+    }
+    tracing::info!(path = %dir.display(), files = manifest.entries.len(), "model folder verified");
     Ok(())
 }
 

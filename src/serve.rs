@@ -215,16 +215,17 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
     let started = Instant::now();
     let loader_state = state.clone();
     let (pin, require_pin) = (args.model.sha256.clone(), args.model.require_pin);
+    let kv_dtype = args.model.kv_cache_dtype;
     let pool = Arc::new(pool);
     std::thread::Builder::new()
         .name("hearth-loader".into())
         .spawn(move || {
             let result = (|| -> anyhow::Result<()> {
                 crate::models::check_pin(&path, pin.as_deref(), require_pin)?;
-                let model = Arc::new(
-                    LoadedModel::load(&path, &device)
-                        .with_context(|| format!("cannot load {}", path.display()))?,
-                );
+                let mut model = LoadedModel::load(&path, &device)
+                    .with_context(|| format!("cannot load {}", path.display()))?;
+                model.model.set_kv_dtype(kv_dtype);
+                let model = Arc::new(model);
                 let sched = SchedulerConfig {
                     max_running: args.max_running,
                     max_queue: args.max_queue,

@@ -235,7 +235,10 @@ fn missing_file_directory_and_empty_file() {
 
     let dir = tmp("a-directory");
     std::fs::create_dir_all(&dir).unwrap();
-    assert_clean_error(&run_on(&dir), &["a-directory", "is a directory"]);
+    assert_clean_error(
+        &run_on(&dir),
+        &["a-directory", "not a model folder: no config.json"],
+    );
 
     let empty = tmp("empty.gguf");
     std::fs::write(&empty, b"").unwrap();

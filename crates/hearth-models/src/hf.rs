@@ -127,18 +127,19 @@ impl SafetensorsSet {
                 let Some(gguf) = gguf_name(&name) else {
                     continue;
                 };
-                let dtype =
-                    match info.dtype {
-                        safetensors::Dtype::F32 => GgmlType::F32,
-                        safetensors::Dtype::F16 => GgmlType::F16,
-                        safetensors::Dtype::BF16 => GgmlType::BF16,
-                        other => return Err(err(
+                let dtype = match info.dtype {
+                    safetensors::Dtype::F32 => GgmlType::F32,
+                    safetensors::Dtype::F16 => GgmlType::F16,
+                    safetensors::Dtype::BF16 => GgmlType::BF16,
+                    other => {
+                        return Err(err(
                             path,
                             format!(
                                 "tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"
                             ),
-                        )),
-                    };
+                        ))
+                    }
+                };
                 let (begin, end) = info.data_offsets;
                 let elements: usize = info.shape.iter().product();
                 let bytes = elements * if dtype == GgmlType::F32 { 4 } else { 2 };

@@ -65,6 +65,13 @@ pub enum LocateError {
     NoManifest,
     #[error("{path}: {message}")]
     BadManifest { path: PathBuf, message: String },
+    #[error("model `{id}` is not in the local Hugging Face cache (searched: {searched}). Hearth never downloads: on a machine with network access run `huggingface-cli download {repo}` (or `hf download {repo}`), copy its cache folder `{folder}` into one of the folders searched here (or point HF_HUB_CACHE at where you put it), or pass the model folder itself with -m")]
+    NotInHfCache {
+        id: String,
+        repo: String,
+        folder: String,
+        searched: String,
+    },
 }
 
 /// The folder holding `manifest.toml`: `$HEARTH_MODELS_DIR`, `./models`, or a `models/`
@@ -133,12 +140,94 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, LocateError> {
     })
 }
 
-/// Resolves `-m` (a path or a manifest name), or the default model when absent.
+/// The Hugging Face hub caches to look in: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`.
+pub fn hf_cache_dirs() -> Vec<PathBuf> {
+    if let Some(d) = std::env::var_os("HF_HUB_CACHE").filter(|d| !d.is_empty()) {
+        return vec![PathBuf::from(d)];
+    }
+    if let Some(h) = std::env::var_os("HF_HOME").filter(|d| !d.is_empty()) {
+        return vec![PathBuf::from(h).join("hub")];
+    }
+    std::env::var_os("HOME")
+        .map(|h| vec![PathBuf::from(h).join(".cache/huggingface/hub")])
+        .unwrap_or_default()
+}
+
+/// Whether `-m` names a hub repository (`org/name`, `org/name@revision`) rather than a
+/// path.
+fn is_repo_id(a: &str) -> bool {
+    let id = a.split('@').next().unwrap_or(a);
+    let parts: Vec<&str> = id.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p != &"."
+                && p != &".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        && !id.ends_with(".gguf")
+}
+
+/// The snapshot folder of `org/name[@revision]` in the local Hugging Face cache (read
+/// through hf-hub's cache layout: `models--org--name/refs/<revision>` names the commit,
+/// `snapshots/<commit>/` holds the files). Never the network.
+pub fn resolve_hf(id: &str) -> Result<PathBuf, LocateError> {
+    let (repo, revision) = match id.split_once('@') {
+        Some((r, rev)) => (r, rev),
+        None => (id, "main"),
+    };
+    let dirs = hf_cache_dirs();
+    let hub_repo = || {
+        hf_hub::Repo::with_revision(
+            repo.to_owned(),
+            hf_hub::RepoType::Model,
+            revision.to_owned(),
+        )
+    };
+    let folder = hub_repo().folder_name();
+    for dir in &dirs {
+        let cache = hf_hub::Cache::new(dir.clone());
+        if let Some(config) = cache.repo(hub_repo()).get("config.json") {
+            if let Some(snapshot) = config.parent() {
+                return Ok(snapshot.to_path_buf());
+            }
+        }
+        // A commit hash given as the revision names its snapshot directly.
+        let snapshot = dir.join(&folder).join("snapshots").join(revision);
+        if revision.len() >= 7
+            && revision.chars().all(|c| c.is_ascii_hexdigit())
+            && snapshot.join("config.json").is_file()
+        {
+            return Ok(snapshot);
+        }
+    }
+    Err(LocateError::NotInHfCache {
+        id: id.to_owned(),
+        repo: repo.to_owned(),
+        folder: folder.clone(),
+        searched: if dirs.is_empty() {
+            "no cache folder: HF_HUB_CACHE, HF_HOME and HOME are unset".into()
+        } else {
+            dirs.iter()
+                .map(|d| d.join(&folder).display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    })
+}
+
+/// Resolves `-m` (a path, a manifest name, or `org/name[@revision]` from the local
+/// Hugging Face cache), or the default model when absent.
 pub fn resolve_model(arg: Option<&str>) -> Result<PathBuf, LocateError> {
     if let Some(a) = arg {
         let p = Path::new(a);
         if p.exists() {
             return Ok(p.to_path_buf());
+        }
+        if is_repo_id(a) {
+            return resolve_hf(a);
         }
     }
     let Some(dir) = models_dir() else {
@@ -172,6 +261,28 @@ pub fn resolve_model(arg: Option<&str>) -> Result<PathBuf, LocateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repo_ids_and_paths_are_told_apart() {
+        for id in [
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "meta-llama/Llama-3.2-1B@main",
+            "a/b@0123abc",
+        ] {
+            assert!(is_repo_id(id), "{id}");
+        }
+        for p in [
+            "model.gguf",
+            "models/x.gguf",
+            "./a/b",
+            "/a/b",
+            "a/b/c",
+            "a/",
+            "../b",
+        ] {
+            assert!(!is_repo_id(p), "{p}");
+        }
+    }
 
     #[test]
     fn manifests_are_checked() {
