@@ -4,6 +4,7 @@
 
 pub mod constraint;
 pub mod device;
+pub mod embed;
 pub mod generate;
 pub mod kv_cache;
 pub mod llama;
@@ -12,6 +13,7 @@ pub mod scheduler;
 
 pub use constraint::{Constraint, Constraints, Grammar, GrammarError};
 pub use device::parse_device;
+pub use embed::{EmbedHandle, Embedder, Pooling};
 pub use generate::{FinishReason, GenerationStats, LoadedModel};
 pub use kv_cache::{BlockTable, KvCache, KvDtype, BLOCK_SIZE};
 pub use llama::{BatchItem, Llama};
