@@ -222,6 +222,17 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
         .spawn(move || {
             let result = (|| -> anyhow::Result<()> {
                 crate::models::check_pin(&path, pin.as_deref(), require_pin)?;
+                if hearth_engine::Embedder::is_embedding_folder(&path) {
+                    let embedder = hearth_engine::Embedder::load(&path, &device)?;
+                    let handle = hearth_engine::EmbedHandle::spawn(embedder, 64, pool)?;
+                    tracing::info!(
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        dim = handle.embedder.dim(),
+                        "embedding model loaded; ready"
+                    );
+                    loader_state.set_embedder(handle);
+                    return Ok(());
+                }
                 let mut model = LoadedModel::load(&path, &device)
                     .with_context(|| format!("cannot load {}", path.display()))?;
                 model.model.set_kv_dtype(kv_dtype);

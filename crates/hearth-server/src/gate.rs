@@ -186,6 +186,7 @@ pub fn endpoint_label(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
+        "/v1/embeddings" => "embeddings",
         "/health" => "health",
         "/ready" => "ready",
         "/metrics" => "metrics",

@@ -138,6 +138,8 @@ pub struct Policy {
 /// Everything the handlers share.
 pub struct AppState {
     engine: OnceLock<Engine>,
+    /// Set instead of `engine` when the model is a sentence-embedding encoder.
+    embedder: OnceLock<hearth_engine::EmbedHandle>,
     served_model: String,
     keys: RwLock<Arc<KeyStore>>,
     plain_keys: Vec<String>,
@@ -157,6 +159,7 @@ impl AppState {
         let store = Self::read_keys(policy.keys_file.as_deref(), &policy.plain_keys)?;
         Ok(Arc::new(Self {
             engine: OnceLock::new(),
+            embedder: OnceLock::new(),
             served_model,
             keys: RwLock::new(Arc::new(store)),
             plain_keys: policy.plain_keys,
@@ -200,6 +203,11 @@ impl AppState {
         let _ = self.engine.set(engine);
     }
 
+    /// Makes an embedding model available (`/v1/embeddings`); `/ready` turns 200.
+    pub fn set_embedder(&self, embedder: hearth_engine::EmbedHandle) {
+        let _ = self.embedder.set(embedder);
+    }
+
     /// Writes out the audit records still queued and stops the audit writer.
     pub fn close_audit(&self) {
         if let Some(a) = &self.audit {
@@ -216,6 +224,9 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.load(Relaxed) {
         return ApiError::unavailable("The server is shutting down.").into_response();
     }
+    if state.embedder.get().is_some() {
+        return axum::Json(serde_json::json!({"status": "ready"})).into_response();
+    }
     match state.engine.get() {
         Some(e) if e.scheduler.is_running() => {
             axum::Json(serde_json::json!({"status": "ready"})).into_response()
@@ -227,7 +238,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.get().map(|e| e.scheduler.stats().clone());
-    let body = state.metrics.render(stats.as_deref(), &state.served_model);
+    let mut body = state.metrics.render(stats.as_deref(), &state.served_model);
+    if let Some(e) = state.embedder.get() {
+        body.push_str(&metrics::render_embeddings(&e.stats));
+    }
     (
         StatusCode::OK,
         [(
@@ -254,6 +268,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/embeddings", post(routes::embeddings))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))

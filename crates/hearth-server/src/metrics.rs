@@ -85,6 +85,35 @@ impl Default for Metrics {
     }
 }
 
+/// The embedding batcher's counters.
+pub fn render_embeddings(s: &hearth_engine::embed::EmbedStats) -> String {
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "hearth_embedding_requests_total",
+            "Embedding requests served.",
+            &s.requests,
+        ),
+        (
+            "hearth_embedding_inputs_total",
+            "Texts embedded.",
+            &s.inputs,
+        ),
+        (
+            "hearth_embedding_batches_total",
+            "Encoder passes run (inputs of concurrent requests share one).",
+            &s.batches,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Relaxed)
+        );
+    }
+    out
+}
+
 /// A `Key:   N kB` line of a /proc file (Linux), in bytes; `None` elsewhere.
 pub fn proc_bytes(path: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;

@@ -91,6 +91,15 @@ fn engine(state: &AppState) -> Result<&Engine, ApiError> {
     if state.draining.load(Relaxed) {
         return Err(ApiError::unavailable("The server is shutting down."));
     }
+    if state.embedder.get().is_some() {
+        return Err(ApiError::invalid(
+            Some("model"),
+            format!(
+                "The model `{}` is an embedding model: it does not generate text. Use /v1/embeddings.",
+                state.served_model
+            ),
+        ));
+    }
     state
         .engine
         .get()
@@ -975,4 +984,139 @@ fn stream_response(
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// Texts one embeddings request may carry (OpenAI's limit).
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// `POST /v1/embeddings`: `input` a string or a list of strings; `encoding_format`
+/// `float` or `base64` (little-endian f32); `dimensions` only as the model's own. Texts
+/// longer than the model's window are truncated (as sentence-transformers does); the
+/// inputs of concurrent requests run through the encoder together.
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    ctx: Ctx,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let origin = Origin::new(ctx, &body, "input");
+    if let Some(m) = body.get("model").and_then(Value::as_str) {
+        if m != state.served_model {
+            return Err(ApiError::model_not_found(m));
+        }
+    }
+    if state.draining.load(Relaxed) {
+        return Err(ApiError::unavailable("The server is shutting down."));
+    }
+    let Some(handle) = state.embedder.get() else {
+        return Err(match state.engine.get() {
+            Some(_) => ApiError::invalid(
+                Some("model"),
+                format!(
+                    "The model `{}` generates text; it does not produce embeddings. Serve an embedding model (e.g. all-MiniLM-L6-v2) for /v1/embeddings.",
+                    state.served_model
+                ),
+            ),
+            None => ApiError::unavailable("The model is still loading."),
+        });
+    };
+    let bad = |m: String| ApiError::invalid(Some("input"), m);
+    let texts: Vec<String> = match body.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if !items.is_empty() => {
+            if items.iter().any(|i| i.is_number() || i.is_array()) {
+                return Err(bad(
+                    "Token-id inputs are not supported: this model has its own tokenizer. Send text (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False)).".into(),
+                ));
+            }
+            items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| bad("Invalid 'input': every item must be a string.".into()))
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(Value::Array(_)) => return Err(bad("Invalid 'input': the list is empty.".into())),
+        Some(_) => {
+            return Err(bad(
+                "Invalid 'input': expected a string or a list of strings.".into(),
+            ))
+        }
+        None => return Err(bad("Missing required parameter: 'input'.".into())),
+    };
+    if texts.len() > MAX_EMBEDDING_INPUTS {
+        return Err(bad(format!(
+            "Invalid 'input': {} texts; at most {MAX_EMBEDDING_INPUTS} per request.",
+            texts.len()
+        )));
+    }
+    if texts.iter().any(String::is_empty) {
+        return Err(bad("Invalid 'input': texts must not be empty.".into()));
+    }
+    let base64 = match body.get("encoding_format") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(f)) if f == "float" => false,
+        Some(Value::String(f)) if f == "base64" => true,
+        Some(v) => {
+            return Err(ApiError::invalid(
+                Some("encoding_format"),
+                format!("Invalid 'encoding_format': {v}; expected 'float' or 'base64'."),
+            ))
+        }
+    };
+    let dim = handle.embedder.dim();
+    match body.get("dimensions") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64() == Some(dim as u64) => {}
+        Some(v) => return Err(ApiError::invalid(
+            Some("dimensions"),
+            format!(
+                "Invalid 'dimensions': {v}; this model produces {dim}-dimensional embeddings only."
+            ),
+        )),
+    }
+    let embedder = handle.embedder.clone();
+    let tokens = blocking(move || {
+        texts
+            .iter()
+            .map(|t| embedder.tokenize(t).map_err(|e| bad(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    let prompt_tokens: usize = tokens.iter().map(Vec::len).sum();
+    if let Some(c) = &origin.ctx {
+        c.begin(&state.served_model, false, 0, prompt_tokens, || {
+            origin.prompt.clone().unwrap_or(Value::Null)
+        });
+    }
+    let vectors = handle.embed(tokens).await.map_err(|e| {
+        tracing::error!("embedding failed: {e}");
+        ApiError::internal()
+    })?;
+    state
+        .metrics
+        .prompt_tokens
+        .fetch_add(prompt_tokens as u64, Relaxed);
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": state.served_model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response())
 }
