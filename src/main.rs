@@ -57,6 +57,13 @@ pub struct ModelArgs {
     /// or f32 (full precision, e.g. for f32 models checked against transformers).
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: hearth_engine::KvDtype,
+    /// Quantize f32/f16/bf16 weight matrices at load: q8_0, q4_0, q4_1, q5_0, q5_1,
+    /// q2_k … q6_k (our CPU kernels run q8_0, q4_0 and q4_1).
+    #[arg(long, conflicts_with = "dtype")]
+    pub quantize: Option<hearth_models::GgmlType>,
+    /// Store f32/f16/bf16 weight matrices as this float type at load: f32, f16, bf16.
+    #[arg(long)]
+    pub dtype: Option<hearth_models::GgmlType>,
     /// cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "cpu", env = "HEARTH_DEVICE")]
     pub device: String,
@@ -66,6 +73,21 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// How weights are converted at load, from --quantize / --dtype.
+    pub fn load_options(&self) -> anyhow::Result<hearth_engine::LoadOptions> {
+        use hearth_models::GgmlType::{BF16, F16, F32};
+        let convert = match (self.quantize, self.dtype) {
+            (Some(q), _) if matches!(q, F32 | F16 | BF16) => {
+                anyhow::bail!("--quantize {q} is a float type: use --dtype")
+            }
+            (_, Some(d)) if !matches!(d, F32 | F16 | BF16) => {
+                anyhow::bail!("--dtype {d} is not a float type (f32, f16, bf16): use --quantize")
+            }
+            (q, d) => q.or(d),
+        };
+        Ok(hearth_engine::LoadOptions { convert })
+    }
+
     /// Compute threads: `--threads`, else the cores this process may use.
     fn threads(&self) -> anyhow::Result<usize> {
         let threads = self
@@ -84,7 +106,8 @@ impl ModelArgs {
         let device = hearth_engine::parse_device(&self.device)?;
         models::check_pin(&path, self.sha256.as_deref(), self.require_pin)?;
         let start = std::time::Instant::now();
-        let mut model = hearth_engine::LoadedModel::load(&path, &device)?;
+        let options = self.load_options()?;
+        let mut model = hearth_engine::LoadedModel::load_with(&path, &device, options)?;
         model.model.set_kv_dtype(self.kv_cache_dtype);
         tracing::info!(
             path = %path.display(),

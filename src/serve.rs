@@ -216,6 +216,7 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
     let loader_state = state.clone();
     let (pin, require_pin) = (args.model.sha256.clone(), args.model.require_pin);
     let kv_dtype = args.model.kv_cache_dtype;
+    let options = args.model.load_options()?;
     let pool = Arc::new(pool);
     std::thread::Builder::new()
         .name("hearth-loader".into())
@@ -233,7 +234,7 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
                     loader_state.set_embedder(handle);
                     return Ok(());
                 }
-                let mut model = LoadedModel::load(&path, &device)
+                let mut model = LoadedModel::load_with(&path, &device, options)
                     .with_context(|| format!("cannot load {}", path.display()))?;
                 model.model.set_kv_dtype(kv_dtype);
                 let model = Arc::new(model);

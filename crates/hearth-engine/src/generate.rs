@@ -46,8 +46,17 @@ impl LoadedModel {
     /// Opens the model at `path` (a GGUF file or a Hugging Face folder), validates it, and
     /// puts its weights on `device`.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, EngineError> {
+        Self::load_with(path, device, crate::llama::LoadOptions::default())
+    }
+
+    /// Like [`LoadedModel::load`], converting weights as `options` says.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        device: &Device,
+        options: crate::llama::LoadOptions,
+    ) -> Result<Self, EngineError> {
         let info = GgufModel::open(path)?;
-        let model = Llama::load(&info.weights, &info.config, device)?;
+        let model = Llama::load_with(&info.weights, &info.config, device, options)?;
         Ok(Self {
             model,
             info,

@@ -16,7 +16,7 @@ pub use device::parse_device;
 pub use embed::{EmbedHandle, Embedder, Pooling};
 pub use generate::{FinishReason, GenerationStats, LoadedModel};
 pub use kv_cache::{BlockTable, KvCache, KvDtype, BLOCK_SIZE};
-pub use llama::{BatchItem, Llama};
+pub use llama::{BatchItem, Llama, LoadOptions};
 pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{Event, Request, SchedulerConfig, SchedulerHandle, SubmitError};
 

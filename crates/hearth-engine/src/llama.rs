@@ -195,11 +195,23 @@ fn pairs_from_halves(bytes: &[u8], rows: usize, head_dim: usize, rope_dim: usize
     out
 }
 
+/// How weights are stored once loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Convert f32/f16/bf16 weight matrices to this type at load (`--quantize q8_0`,
+    /// `--dtype f16`); matrices already quantized, and those whose rows are not whole
+    /// blocks of the type, stay as they are.
+    pub convert: Option<GgmlType>,
+}
+
 /// Reads named tensors out of a model's weights onto a device.
 struct Loader<'a> {
     weights: &'a Weights,
     device: &'a Device,
     config: &'a ModelConfig,
+    options: LoadOptions,
+    /// Matrices converted by `options.convert`.
+    converted: std::cell::Cell<usize>,
 }
 
 impl Loader<'_> {
@@ -247,15 +259,45 @@ impl Loader<'_> {
         .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))
     }
 
+    /// A weight matrix's type and bytes, converted as `options.convert` says.
+    fn matrix(&self, name: &str) -> Result<(GgmlType, Cow<'_, [u8]>), EngineError> {
+        let info = self.info(name)?;
+        let bytes = self.bytes(name)?;
+        let float = matches!(info.dtype, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+        match self.options.convert {
+            Some(to)
+                if float
+                    && to != info.dtype
+                    && info.dims.len() == 2
+                    && info.dims[0].is_multiple_of(to.block_size()) =>
+            {
+                let load = |e: candle_core::Error| {
+                    EngineError::Load(format!("tensor `{name}`: converting to {to}: {e}"))
+                };
+                let src =
+                    qtensor_from_ggml(candle_dtype(info.dtype), &bytes, info.shape(), &Device::Cpu)
+                        .map_err(load)?;
+                let f = src.dequantize(&Device::Cpu).map_err(load)?;
+                let q = QTensor::quantize(&f, candle_dtype(to)).map_err(load)?;
+                self.converted.set(self.converted.get() + 1);
+                Ok((to, Cow::Owned(q.data().map_err(load)?.into_owned())))
+            }
+            _ => Ok((info.dtype, bytes)),
+        }
+    }
+
     fn linear(&self, name: &str) -> Result<Linear, EngineError> {
         let info = self.info(name)?;
-        let format = native_format(info.dtype);
+        let (dtype, bytes) = self.matrix(name)?;
+        let format = native_format(dtype);
         if let (Some(format), true, &[k, n]) = (format, self.device.is_cpu(), &info.dims[..]) {
-            let w = QMatrix::from_bytes(format, &self.bytes(name)?, n, k)
+            let w = QMatrix::from_bytes(format, &bytes, n, k)
                 .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
             return Ok(Linear::Native(w));
         }
-        let t = Arc::new(self.qtensor(name)?);
+        let t = qtensor_from_ggml(candle_dtype(dtype), &bytes, info.shape(), self.device)
+            .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
+        let t = Arc::new(t);
         Ok(Linear::Candle(QMatMul::from_arc(t.clone())?, t))
     }
 
@@ -265,17 +307,21 @@ impl Loader<'_> {
             .iter()
             .map(|n| self.info(n))
             .collect::<Result<Vec<_>, _>>()?;
-        let format = native_format(infos[0].dtype);
+        let mats = names
+            .iter()
+            .map(|n| self.matrix(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let format = native_format(mats[0].0);
         let k = infos[0].dims.first().copied();
         let stackable = self.device.is_cpu()
-            && infos.iter().all(|i| {
-                i.dtype == infos[0].dtype && i.dims.len() == 2 && i.dims.first().copied() == k
+            && infos.iter().zip(&mats).all(|(i, (dtype, _))| {
+                *dtype == mats[0].0 && i.dims.len() == 2 && i.dims.first().copied() == k
             });
         if let (Some(format), true, Some(k)) = (format, stackable, k) {
             let rows: [usize; N] = std::array::from_fn(|i| infos[i].dims[1]);
             let mut bytes = Vec::new();
-            for n in &names {
-                bytes.extend_from_slice(&self.bytes(n)?);
+            for (_, b) in &mats {
+                bytes.extend_from_slice(b);
             }
             let w = QMatrix::from_bytes(format, &bytes, rows.iter().sum(), k)
                 .map_err(|e| EngineError::Load(format!("tensors {names:?}: {e}")))?;
@@ -366,10 +412,22 @@ impl Llama {
         config: &ModelConfig,
         device: &Device,
     ) -> Result<Self, EngineError> {
+        Self::load_with(weights, config, device, LoadOptions::default())
+    }
+
+    /// Like [`Llama::load`], converting weights as `options` says.
+    pub fn load_with(
+        weights: &Weights,
+        config: &ModelConfig,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self, EngineError> {
         let l = Loader {
             weights,
             device,
             config,
+            options,
+            converted: std::cell::Cell::new(0),
         };
         let embeddings = Arc::new(l.linear("token_embd.weight")?);
         let output = if config.tied_embeddings {
@@ -393,6 +451,15 @@ impl Llama {
                 gate_up: l.fused([p("ffn_gate"), p("ffn_up")])?,
                 w_down: l.linear(&p("ffn_down"))?,
             });
+        }
+        if let Some(to) = options.convert {
+            if l.converted.get() == 0 {
+                return Err(EngineError::Load(format!(
+                    "no weight matrix could be converted to {to}: they are quantized already, or their rows are not multiples of {} values",
+                    to.block_size()
+                )));
+            }
+            tracing::info!(to = %to, matrices = l.converted.get(), "weights converted at load");
         }
         let rope_factors = match &config.rope_scaling {
             RopeScaling::FrequencyFactors => Some(l.norm("rope_freqs.weight")?.host),

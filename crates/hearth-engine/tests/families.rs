@@ -125,3 +125,55 @@ fn the_sliding_window_matters() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     assert!(max_diff(tmp.path(), &g) > 10.0 * TOLERANCE);
 }
+
+#[test]
+fn weights_converted_at_load() {
+    use hearth_engine::LoadOptions;
+    use hearth_models::GgmlType;
+    let dir = fixture("llama");
+    let g = golden(&dir);
+    let run = |convert: GgmlType| -> Result<f32, String> {
+        let mut m = LoadedModel::load_with(
+            &dir,
+            &Device::Cpu,
+            LoadOptions {
+                convert: Some(convert),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        m.model.set_kv_dtype(KvDtype::F32);
+        let mut cache = m.model.cache_for_sequences(1).unwrap();
+        let mut table = BlockTable::new();
+        let last = m.model.forward(&mut cache, &mut table, &g.ids).unwrap();
+        Ok(last
+            .iter()
+            .zip(g.logits.last().unwrap())
+            .fold(0f32, |w, (a, b)| w.max((a - b).abs())))
+    };
+    // f16 storage: close; q8_0 (our kernels, int8 activations): near; q4_0 further; each
+    // really changed (logits here reach ±8).
+    let f16 = run(GgmlType::F16).unwrap();
+    let q8 = run(GgmlType::Q8_0).unwrap();
+    let q4 = run(GgmlType::Q4_0).unwrap();
+    eprintln!("max |Δlogit| vs f32 transformers: f16 {f16:.1e}, q8_0 {q8:.1e}, q4_0 {q4:.1e}");
+    assert!(f16 > 0.0 && f16 < 2e-2, "{f16}");
+    // (Random weights have no structure for 4 bits to keep: only the order is firm.)
+    assert!(q8 > f16 && q8 < 0.4, "{q8}");
+    assert!(q4 > q8 && q4 < 8.0, "{q4}");
+    // K-quants need rows of 256: the tiny model has 64, so nothing converts: an error.
+    let err = run(GgmlType::Q4K).unwrap_err();
+    assert!(err.contains("multiples of 256"), "{err}");
+    // A quantized GGUF is not converted again.
+    let gguf = common::root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let err = LoadedModel::load_with(
+        &gguf,
+        &Device::Cpu,
+        LoadOptions {
+            convert: Some(GgmlType::Q8_0),
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("quantized already"), "{err}");
+}

@@ -140,6 +140,24 @@ impl GgmlType {
     }
 }
 
+impl std::str::FromStr for GgmlType {
+    type Err = String;
+    /// `q8_0`, `Q4_K`, `f16`, … (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::SUPPORTED
+            .iter()
+            .copied()
+            .find(|t| t.to_string().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                let names: Vec<String> = Self::SUPPORTED
+                    .iter()
+                    .map(|t| t.to_string().to_lowercase())
+                    .collect();
+                format!("`{s}` is not a tensor type ({})", names.join(", "))
+            })
+    }
+}
+
 impl fmt::Display for GgmlType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {

@@ -1069,12 +1069,14 @@ pub async fn embeddings(
     match body.get("dimensions") {
         None | Some(Value::Null) => {}
         Some(v) if v.as_u64() == Some(dim as u64) => {}
-        Some(v) => return Err(ApiError::invalid(
-            Some("dimensions"),
-            format!(
+        Some(v) => {
+            return Err(ApiError::invalid(
+                Some("dimensions"),
+                format!(
                 "Invalid 'dimensions': {v}; this model produces {dim}-dimensional embeddings only."
             ),
-        )),
+            ))
+        }
     }
     let embedder = handle.embedder.clone();
     let tokens = blocking(move || {
