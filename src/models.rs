@@ -203,6 +203,41 @@ fn verify(models: &[String], sha256: Option<&str>) -> anyhow::Result<()> {
     let (mut good, mut bad, mut absent) = (0, 0, 0);
     for (name, path, _) in selected(models, sha256)? {
         let shown = path.display();
+        if path.is_dir() {
+            // A folder: each file its manifest.toml lists, reread.
+            let manifest = path.join(locate::MANIFEST);
+            if !manifest.is_file() {
+                bad += 1;
+                println!(
+                    "UNPINNED  {name}  {shown}  (no manifest.toml in the folder lists its files)"
+                );
+                continue;
+            }
+            let m = locate::read_manifest(&path)?;
+            for e in &m.entries {
+                let file = m.path_of(e);
+                match pin::hash_with_cache(&file, cache.as_ref(), false, &mut progress(&file)) {
+                    Ok((actual, _)) if actual == e.sha256 => {
+                        good += 1;
+                        println!("OK        {name}  {}  sha256 {actual}", file.display());
+                    }
+                    Ok((actual, _)) => {
+                        bad += 1;
+                        println!(
+                            "MISMATCH  {name}  {}  file sha256 {actual}, pinned {} by {}",
+                            file.display(),
+                            e.sha256,
+                            manifest.display()
+                        );
+                    }
+                    Err(err) => {
+                        bad += 1;
+                        println!("ERROR     {name}  {err}");
+                    }
+                }
+            }
+            continue;
+        }
         if !path.is_file() {
             println!("ABSENT    {name}  {shown}");
             absent += 1;
@@ -250,35 +285,80 @@ fn verify(models: &[String], sha256: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every regular file of a folder (relative paths, sorted), hidden files left out.
+fn folder_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel))
+            .with_context(|| format!("cannot read {}", dir.join(&rel).display()))?
+        {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let ty = entry.file_type()?;
+            if ty.is_dir() {
+                stack.push(rel.join(&name));
+            } else if ty.is_file() {
+                out.push(rel.join(&name));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn bom(models: &[String], sha256: Option<&str>, output: Option<&Path>) -> anyhow::Result<()> {
     let cache = HashCache::default_location();
     let mut described = Vec::new();
     for (name, path, manifest) in selected(models, sha256)? {
-        if !path.is_file() {
+        if !path.exists() {
             eprintln!(
                 "hearth: {name}: {} is not on disk; left out",
                 path.display()
             );
             continue;
         }
-        let pin = pin::find_pin(&path, sha256)?;
-        let (actual, _) = pin::hash_with_cache(&path, cache.as_ref(), true, &mut progress(&path))?;
-        if let Some(p) = &pin {
-            if p.sha256 != actual {
-                return Err(PinError::Mismatch {
-                    path,
-                    expected: p.sha256.clone(),
-                    actual,
-                    from: p.from.clone(),
-                }
-                .into());
+        let (files, pinned_by) = if path.is_dir() {
+            // A folder: its pins (if any) checked first, then every file hashed.
+            check_pin(&path, sha256, false)?;
+            let pinned = path
+                .join(locate::MANIFEST)
+                .is_file()
+                .then(|| path.join(locate::MANIFEST).display().to_string());
+            let mut files = Vec::new();
+            for rel in folder_files(&path)? {
+                let full = path.join(&rel);
+                let (sha, _) =
+                    pin::hash_with_cache(&full, cache.as_ref(), true, &mut progress(&full))?;
+                files.push((rel, sha));
             }
-        }
+            (files, pinned)
+        } else {
+            let pin = pin::find_pin(&path, sha256)?;
+            let (actual, _) =
+                pin::hash_with_cache(&path, cache.as_ref(), true, &mut progress(&path))?;
+            if let Some(p) = &pin {
+                if p.sha256 != actual {
+                    return Err(PinError::Mismatch {
+                        path,
+                        expected: p.sha256.clone(),
+                        actual,
+                        from: p.from.clone(),
+                    }
+                    .into());
+                }
+            }
+            let file_name = PathBuf::from(path.file_name().unwrap_or_default());
+            (vec![(file_name, actual)], pin.map(|p| p.from))
+        };
         described.push(hearth_models::bom::BomModel {
             name,
             path,
-            sha256: actual,
-            pinned_by: pin.map(|p| p.from),
+            files,
+            pinned_by,
             manifest,
         });
     }

@@ -141,6 +141,68 @@ fn bom_is_valid_cyclonedx_1_6_and_describes_the_model() {
 }
 
 #[test]
+fn bom_of_folders_is_valid_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let minilm = common::root().join("models/all-MiniLM-L6-v2");
+    assert!(minilm.is_dir(), "run scripts/fetch-embedding-model");
+    let qwen = common::root().join("tests/fixtures/tiny/qwen2");
+    let out = hearth(
+        dir.path(),
+        &[
+            "models",
+            "bom",
+            "-m",
+            minilm.to_str().unwrap(),
+            "-m",
+            qwen.to_str().unwrap(),
+            "-m",
+            model().to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bom: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let errs = errors(&cyclonedx_validator(), &bom);
+    assert!(errs.is_empty(), "{errs:#?}");
+    let c = bom["components"].as_array().unwrap();
+    assert_eq!(c.len(), 3);
+    let m = &c[0];
+    assert_eq!(m["name"], "all-MiniLM-L6-v2");
+    assert_eq!(
+        m["licenses"][0]["license"]["id"], "Apache-2.0",
+        "from the model card"
+    );
+    assert_eq!(
+        m["modelCard"]["modelParameters"]["task"],
+        "feature-extraction"
+    );
+    let files: Vec<&str> = m["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        files.contains(&"model.safetensors") && files.contains(&"1_Pooling/config.json"),
+        "{files:?}"
+    );
+    let params = m["properties"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "hearth:parameters")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    assert!((22_000_000..23_000_000).contains(&params), "{params}");
+    assert_eq!(
+        c[1]["modelCard"]["modelParameters"]["architectureFamily"],
+        "qwen2"
+    );
+}
+
+#[test]
 fn pins_refuse_a_changed_model_file() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");

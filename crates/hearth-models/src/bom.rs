@@ -18,10 +18,12 @@ use crate::locate::ManifestEntry;
 pub struct BomModel {
     /// The model's name (its manifest name, or the file's stem).
     pub name: String,
+    /// A GGUF file, or a Hugging Face folder.
     pub path: PathBuf,
-    /// The file's SHA-256 (verified against its pin when it has one).
-    pub sha256: String,
-    /// Where the pin came from, if the file is pinned.
+    /// Each file with its SHA-256 (verified against its pin when it has one): the GGUF
+    /// file, or every file of the folder (relative paths).
+    pub files: Vec<(PathBuf, String)>,
+    /// Where the pin came from, if the model is pinned.
     pub pinned_by: Option<String>,
     pub manifest: Option<ManifestEntry>,
 }
@@ -98,8 +100,110 @@ fn uuid_v4() -> String {
     )
 }
 
+/// The `file` components of a model.
+fn file_components(m: &BomModel) -> Vec<Value> {
+    m.files
+        .iter()
+        .map(|(rel, sha)| {
+            let full = if m.path.is_dir() {
+                m.path.join(rel)
+            } else {
+                m.path.clone()
+            };
+            let size = std::fs::metadata(&full).map_or(0, |md| md.len());
+            json!({
+                "type": "file",
+                "bom-ref": format!("file:{}:{}", m.name, rel.display()),
+                "name": rel.display().to_string(),
+                "hashes": [{"alg": "SHA-256", "content": sha}],
+                "properties": [prop("size_bytes", size), prop("path", full.display())],
+            })
+        })
+        .collect()
+}
+
+/// The component describing a Hugging Face folder model, from its config.json and the
+/// headers of its safetensors.
+fn folder_component(m: &BomModel) -> Result<Value, crate::hf::HfError> {
+    let config = crate::hf::read_json(&m.path.join("config.json"))?;
+    let arch = config["architectures"][0]
+        .as_str()
+        .or(config["model_type"].as_str())
+        .unwrap_or("unknown")
+        .to_owned();
+    let (parameters, types) = crate::hf::parameter_summary(&m.path)?;
+    let tensor_types: Vec<String> = types.iter().map(|(k, n)| format!("{k}×{n}")).collect();
+    let embedding = config["model_type"].as_str() == Some("bert");
+    let entry = m.manifest.as_ref();
+    // A model card's YAML front matter names the license (`license: apache-2.0`).
+    let card_license = std::fs::read_to_string(m.path.join("README.md"))
+        .ok()
+        .and_then(|t| {
+            let front = t.strip_prefix("---")?.split("\n---").next()?.to_owned();
+            front
+                .lines()
+                .find_map(|l| l.strip_prefix("license:").map(|v| v.trim().to_owned()))
+        });
+    let mut properties = vec![
+        prop("architecture", &arch),
+        prop("parameters", parameters),
+        prop("tensor_types", tensor_types.join(", ")),
+        prop("format", "Hugging Face folder (safetensors)"),
+        prop("pinned", m.pinned_by.is_some()),
+    ];
+    if let Some(p) = &m.pinned_by {
+        properties.push(prop("pinned_by", p));
+    }
+    if let Some(c) = config["max_position_embeddings"].as_u64() {
+        properties.push(prop("context_length", c));
+    }
+    if let Some(src) = entry.and_then(|e| e.source.clone()) {
+        properties.push(prop("source", src));
+    }
+    let mut c = json!({
+        "type": "machine-learning-model",
+        "bom-ref": format!("model:{}", m.name),
+        "name": m.name,
+        "description": config["_name_or_path"].as_str().unwrap_or(&m.name),
+        "properties": properties,
+        "modelCard": {
+            "modelParameters": {
+                "task": if embedding { "feature-extraction" } else { "text-generation" },
+                "architectureFamily": config["model_type"].as_str().unwrap_or("unknown"),
+                "modelArchitecture": arch,
+                "inputs": [{"format": "text"}],
+                "outputs": [{"format": if embedding { "vector" } else { "text" }}],
+            },
+        },
+        "components": file_components(m),
+    });
+    if let Some(l) = entry.and_then(|e| e.license.clone()).or(card_license) {
+        c["licenses"] = json!([license(&l)]);
+    }
+    if let Some(url) = entry
+        .and_then(|e| e.origin.clone())
+        .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+    {
+        c["externalReferences"] =
+            json!([{"type": "website", "url": url, "comment": "where the model is published"}]);
+    }
+    Ok(c)
+}
+
+/// Why a model could not be described.
+#[derive(Debug, thiserror::Error)]
+pub enum BomError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Hf(#[from] crate::hf::HfError),
+}
+
 /// The component describing one model.
-fn model_component(m: &BomModel) -> Result<Value, GgufError> {
+fn model_component(m: &BomModel) -> Result<Value, BomError> {
+    if m.path.is_dir() {
+        return Ok(folder_component(m)?);
+    }
     let gguf = GgufFile::open(&m.path)?;
     let s = |k: &str| gguf.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     let arch = s("general.architecture").unwrap_or_else(|| "unknown".into());
@@ -133,11 +237,8 @@ fn model_component(m: &BomModel) -> Result<Value, GgufError> {
             s("general.source.huggingface.repository")
                 .map(|r| format!("https://huggingface.co/{r}"))
         });
-    let file_name = m.path.file_name().map_or_else(
-        || m.path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    let hashes = json!([{"alg": "SHA-256", "content": m.sha256}]);
+    let sha = m.files.first().map(|(_, s)| s.clone()).unwrap_or_default();
+    let hashes = json!([{"alg": "SHA-256", "content": sha}]);
     let mut properties = vec![
         prop("architecture", &arch),
         prop("parameters", parameters),
@@ -182,16 +283,7 @@ fn model_component(m: &BomModel) -> Result<Value, GgufError> {
                 "outputs": [{"format": "text"}],
             },
         },
-        "components": [{
-            "type": "file",
-            "bom-ref": format!("file:{}:{}", m.name, file_name),
-            "name": file_name,
-            "hashes": hashes,
-            "properties": [
-                prop("size_bytes", gguf.file_size()),
-                prop("path", m.path.display()),
-            ],
-        }],
+        "components": file_components(m),
     });
     if let Some(v) = s("general.version") {
         c["version"] = v.into();
@@ -210,7 +302,7 @@ fn model_component(m: &BomModel) -> Result<Value, GgufError> {
 }
 
 /// The CycloneDX 1.6 document for `models`, served by `hearth` `version`.
-pub fn cyclonedx(models: &[BomModel], version: &str, now: SystemTime) -> Result<Value, GgufError> {
+pub fn cyclonedx(models: &[BomModel], version: &str, now: SystemTime) -> Result<Value, BomError> {
     let components = models
         .iter()
         .map(model_component)

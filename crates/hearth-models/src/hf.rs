@@ -194,6 +194,30 @@ impl SafetensorsSet {
     }
 }
 
+/// Parameter count and tensors per dtype over every safetensors file of a folder (all
+/// tensors, not only those the decoder reads).
+pub fn parameter_summary(dir: &Path) -> Result<(u64, BTreeMap<String, usize>), HfError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| err(dir, e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let (mut params, mut types) = (0u64, BTreeMap::new());
+    for path in files {
+        let file = std::fs::File::open(&path).map_err(|e| err(&path, e.to_string()))?;
+        // Safety: read-only map of a model file.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| err(&path, e.to_string()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
+            .map_err(|e| err(&path, format!("not a safetensors file: {e}")))?;
+        for info in meta.tensors().values() {
+            params += info.shape.iter().product::<usize>() as u64;
+            *types.entry(format!("{:?}", info.dtype)).or_default() += 1;
+        }
+    }
+    Ok((params, types))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
