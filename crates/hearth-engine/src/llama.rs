@@ -32,6 +32,9 @@ use crate::EngineError;
 enum Linear {
     Native(QMatrix),
     Candle(QMatMul, Arc<QTensor>),
+    /// f32, f16 or bf16 weights kept in their own type, `[out, in]`; the product is
+    /// computed in that type (as PyTorch does with such weights) and returned as f32.
+    Dense(Tensor),
 }
 
 impl Linear {
@@ -48,6 +51,11 @@ impl Linear {
                 let t = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
                 Ok(q.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
             }
+            Linear::Dense(w) => {
+                let k = x.len() / m;
+                let t = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+                Ok(dense(&t, w)?.flatten_all()?.to_vec1::<f32>()?)
+            }
         }
     }
 
@@ -60,6 +68,7 @@ impl Linear {
                 Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?)
             }
             Linear::Candle(q, _) => Ok(q.forward(x)?),
+            Linear::Dense(w) => Ok(dense(x, w)?),
         }
     }
 
@@ -74,6 +83,13 @@ impl Linear {
                 }
                 Ok(out)
             }
+            Linear::Dense(w) => {
+                let ids = Tensor::new(ids, w.device())?;
+                Ok(w.index_select(&ids, 0)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            }
             Linear::Candle(_, t) => {
                 let ids = Tensor::new(ids, &t.device())?;
                 Ok(t.embedding(&ids)?
@@ -83,6 +99,13 @@ impl Linear {
             }
         }
     }
+}
+
+/// `x · wᵀ` in `w`'s type, as f32.
+fn dense(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.to_dtype(w.dtype())?
+        .matmul(&w.t()?)?
+        .to_dtype(DType::F32)
 }
 
 /// Projections of the same input (q, k, v; gate, up). On the CPU, when they share a
@@ -294,6 +317,17 @@ impl Loader<'_> {
             let w = QMatrix::from_bytes(format, &bytes, n, k)
                 .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
             return Ok(Linear::Native(w));
+        }
+        let float = match dtype {
+            GgmlType::F32 => Some(DType::F32),
+            GgmlType::F16 => Some(DType::F16),
+            GgmlType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        if let Some(dt) = float {
+            let w = Tensor::from_raw_buffer(&bytes, dt, &info.shape(), self.device)
+                .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
+            return Ok(Linear::Dense(w));
         }
         let t = qtensor_from_ggml(candle_dtype(dtype), &bytes, info.shape(), self.device)
             .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
