@@ -161,11 +161,16 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .name
         .clone()
         .unwrap_or_else(|| info.config.architecture.name().to_owned());
-    let quant = info
+    let stored = info
         .weights
         .tensors()
         .get("blk.0.attn_q.weight")
         .map_or("?".to_owned(), |t| t.dtype.to_string());
+    // Weights converted at load run as their new type.
+    let quant = match args.model.quantize.or(args.model.dtype) {
+        Some(to) => format!("{stored}→{to}"),
+        None => stored,
+    };
     let size_mib = info.weights.total_bytes() as f64 / (1024.0 * 1024.0);
     let params_m = info.weights.parameter_count() as f64 / 1e6;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();

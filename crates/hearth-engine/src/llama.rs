@@ -103,9 +103,7 @@ impl Linear {
 
 /// `x · wᵀ` in `w`'s type, as f32.
 fn dense(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.to_dtype(w.dtype())?
-        .matmul(&w.t()?)?
-        .to_dtype(DType::F32)
+    x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)
 }
 
 /// Projections of the same input (q, k, v; gate, up). On the CPU, when they share a
