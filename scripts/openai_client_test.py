@@ -181,10 +181,38 @@ def structured():
     assert isinstance(json.loads(r.choices[0].message.content), dict), r
 
 
-for name, fn in [("models", models), ("chat", chat), ("chat stream", chat_stream),
-                 ("chat logprobs, n, stop", chat_logprobs_n_stop),
-                 ("completions", completions), ("errors", errors),
-                 ("tool calls, streamed and back", tools), ("structured output", structured)]:
+def embeddings():
+    # A second server with the embedding model; the client asks for base64 by default
+    # and decodes it itself.
+    e = OpenAI(base_url=sys.argv[3], api_key=key, max_retries=0)
+    for _ in range(600):
+        try:
+            e.models.list()
+            break
+        except (openai.APIStatusError, openai.APIConnectionError):
+            time.sleep(0.1)
+    name = e.models.list().data[0].id
+    r = e.embeddings.create(model=name, input=["The hearth is warm.", "A cold night."])
+    assert [d.index for d in r.data] == [0, 1], r
+    v = r.data[0].embedding
+    assert len(v) == 384 and abs(sum(x * x for x in v) - 1.0) < 1e-4, len(v)
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens
+    f = e.embeddings.create(model=name, input="The hearth is warm.", encoding_format="float", dimensions=384)
+    assert max(abs(a - b) for a, b in zip(f.data[0].embedding, v)) < 1e-6
+    try:
+        e.embeddings.create(model=name, input="x", dimensions=64)
+        raise AssertionError("dimensions 64 accepted")
+    except openai.BadRequestError as err:
+        assert err.body["param"] == "dimensions", err.body
+
+
+tests = [("models", models), ("chat", chat), ("chat stream", chat_stream),
+         ("chat logprobs, n, stop", chat_logprobs_n_stop),
+         ("completions", completions), ("errors", errors),
+         ("tool calls, streamed and back", tools), ("structured output", structured)]
+if len(sys.argv) > 3:
+    tests.append(("embeddings", embeddings))
+for name, fn in tests:
     check(name, fn)
 print(f"openai {openai.__version__} client")
 print(f"test result: {'ok' if failed == 0 else 'FAILED'}. {passed} passed; {failed} failed")
