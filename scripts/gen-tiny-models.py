@@ -140,7 +140,9 @@ def llama3_rope_factors(cfg):
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(path, arch, cfg, state, tok_json):
+def write_gguf(path, arch, cfg, state, tok_json, qtype=None):
+    """`qtype`: a gguf.GGMLQuantizationType for the 2-D weight matrices (norms, biases
+    and rope factors stay f32, as llama.cpp's quantizer leaves them)."""
     import gguf
 
     w = gguf.GGUFWriter(path, arch)
@@ -158,7 +160,7 @@ def write_gguf(path, arch, cfg, state, tok_json):
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    w.add_file_type(0)
+    w.add_file_type({None: 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}[qtype.name if qtype else None])
     # Tokenizer as llama.cpp writes a byte-level BPE one.
     vocab = tok_json["model"]["vocab"]
     added = {t["content"]: t["id"] for t in tok_json["added_tokens"]}
@@ -205,7 +207,11 @@ def write_gguf(path, arch, cfg, state, tok_json):
         a = t.detach().to(torch.float32).numpy()
         if arch == "llama" and (name.endswith("q_proj.weight") or name.endswith("k_proj.weight")):
             a = permute(a, heads if "q_proj" in name else kv)
-        w.add_tensor(names[name], np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)
+        if qtype is not None and a.ndim == 2:
+            w.add_tensor(names[name], gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(names[name], a)
     if arch == "llama" and rope(cfg)[1]:
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
     w.write_header_to_file()
@@ -251,6 +257,12 @@ def main():
         if family in ("llama", "qwen2", "qwen3"):
             tok_json = json.loads(tok.to_str())
             write_gguf(os.path.join(d, f"tiny-{family}.gguf"), family, cfg, model.state_dict(), tok_json)
+        if family == "llama":
+            # The same model in every type gguf-py can write, for the reader's sake.
+            from gguf import GGMLQuantizationType as Q
+            for q in [Q.F16, Q.BF16, Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0]:
+                write_gguf(os.path.join(d, f"tiny-llama.{q.name.lower()}.gguf"), family, cfg,
+                           model.state_dict(), json.loads(tok.to_str()), qtype=q)
         print(f"{family}: {sum(p.numel() for p in model.parameters())} parameters, "
               f"{len(ids)} input tokens -> {d}", file=sys.stderr)
 

@@ -177,3 +177,39 @@ fn weights_converted_at_load() {
     .to_string();
     assert!(err.contains("quantized already"), "{err}");
 }
+
+#[test]
+fn llama_gguf_in_every_type_gguf_py_writes() {
+    // The tiny Llama quantized by gguf-py (llama.cpp's reference quantizers): each file
+    // loads, runs, and lands as near transformers' f32 logits as its bits allow.
+    let dir = fixture("llama");
+    let g = golden(&dir);
+    let mut seen = Vec::new();
+    for (ty, bound) in [
+        ("f16", 0.05),
+        ("bf16", 0.3),
+        ("q8_0", 0.3),
+        // Random weights (std 0.2, logits up to ±8) leave little for 4 or 5 bits to keep.
+        ("q5_1", 2.5),
+        ("q5_0", 3.5),
+        ("q4_1", 5.0),
+        ("q4_0", 7.0),
+    ] {
+        let path = dir.join(format!("tiny-llama.{ty}.gguf"));
+        let mut m = LoadedModel::load(&path, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        m.model.set_kv_dtype(KvDtype::F32);
+        let mut cache = m.model.cache_for_sequences(1).unwrap();
+        let mut table = BlockTable::new();
+        let last = m.model.forward(&mut cache, &mut table, &g.ids).unwrap();
+        let d = last
+            .iter()
+            .zip(g.logits.last().unwrap())
+            .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+        eprintln!("tiny-llama {ty}: max |Δlogit| {d:.2e}");
+        assert!(d > 0.0 && d < bound, "{ty}: {d}");
+        seen.push(d);
+    }
+    // More bits, closer: q8_0 beats every 4- and 5-bit type.
+    assert!(seen[2] < seen[3..].iter().cloned().fold(f32::MAX, f32::min));
+}
