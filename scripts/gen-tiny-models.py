@@ -212,7 +212,8 @@ def write_gguf(path, arch, cfg, state, tok_json, qtype=None):
             w.add_tensor(names[name], gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(names[name], a)
-    if arch == "llama" and rope(cfg)[1]:
+    scaling = rope(cfg)[1] or {}
+    if arch == "llama" and scaling.get("rope_type", scaling.get("type")) == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -265,6 +266,33 @@ def main():
                            model.state_dict(), json.loads(tok.to_str()), qtype=q)
         print(f"{family}: {sum(p.numel() for p in model.parameters())} parameters, "
               f"{len(ids)} input tokens -> {d}", file=sys.stderr)
+    k_quant_base(tok, ids)
+
+
+def k_quant_base(tok, ids):
+    """A tiny Llama whose rows are 256 wide, the K-quants' block: its golden logits, and
+    its f32 GGUF in /tmp for scripts/quantize-tiny.py (llama.cpp's quantizer) to turn
+    into Q2_K … Q6_K files. Only the golden and the quantized files are committed."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      bos_token_id=0, eos_token_id=2, initializer_range=0.05,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    d = os.path.join(OUT, "llama-k")
+    os.makedirs(d, exist_ok=True)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+    with open(os.path.join(d, "golden.json"), "w") as f:
+        json.dump({"generator": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}",
+                   "text": TEXT, "input_ids": ids,
+                   "logits": [[float(x) for x in row] for row in logits]}, f)
+    write_gguf("/tmp/hearth-tiny-llama-k.f32.gguf", "llama", cfg, model.state_dict(),
+               json.loads(tok.to_str()))
 
 
 if __name__ == "__main__":

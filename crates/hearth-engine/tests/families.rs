@@ -213,3 +213,44 @@ fn llama_gguf_in_every_type_gguf_py_writes() {
     // More bits, closer: q8_0 beats every 4- and 5-bit type.
     assert!(seen[2] < seen[3..].iter().cloned().fold(f32::MAX, f32::min));
 }
+
+#[test]
+fn k_quant_gguf_from_llama_cpp() {
+    // A wider tiny Llama (rows of 256, the K-quants' block) quantized by llama.cpp's own
+    // quantizer: Q2_K … Q6_K each load, run, and get closer with more bits.
+    let dir = fixture("llama-k");
+    let g = golden(&dir);
+    let mut seen = Vec::new();
+    for (ty, kind) in [
+        ("q2_k", hearth_models::GgmlType::Q2K),
+        ("q3_k_m", hearth_models::GgmlType::Q3K),
+        ("q4_k_m", hearth_models::GgmlType::Q4K),
+        ("q5_k_m", hearth_models::GgmlType::Q5K),
+        ("q6_k", hearth_models::GgmlType::Q6K),
+    ] {
+        let path = dir.join(format!("tiny-llama-k.{ty}.gguf"));
+        let mut m = LoadedModel::load(&path, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            m.info.weights.tensors().values().any(|t| t.dtype == kind),
+            "{ty}: no {kind} tensor"
+        );
+        m.model.set_kv_dtype(KvDtype::F32);
+        let mut cache = m.model.cache_for_sequences(1).unwrap();
+        let mut table = BlockTable::new();
+        let last = m.model.forward(&mut cache, &mut table, &g.ids).unwrap();
+        let d = last
+            .iter()
+            .zip(g.logits.last().unwrap())
+            .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+        eprintln!("tiny-llama-k {ty}: max |Δlogit| {d:.2e}");
+        seen.push(d);
+    }
+    let scale = g.logits.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    eprintln!("logits up to {scale:.2}");
+    assert!(seen.iter().all(|&d| d > 0.0 && d < scale), "{seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[1] < w[0]),
+        "each type nearer than the one with fewer bits: {seen:?}"
+    );
+}
