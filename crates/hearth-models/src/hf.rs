@@ -223,6 +223,71 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shards_read_like_one_file() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny/qwen2");
+        let whole = SafetensorsSet::open(&fixture).unwrap();
+        // Split the fixture's tensors over two shards with an index, as large models come.
+        let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut all = st.tensors();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let dir = tempfile::tempdir().unwrap();
+        let mut map = serde_json::Map::new();
+        let half = all.len() / 2;
+        for (i, part) in [&all[..half], &all[half..]].into_iter().enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+            let data =
+                safetensors::serialize(part.iter().map(|(n, v)| (n.clone(), v)), None).unwrap();
+            std::fs::write(dir.path().join(&file), data).unwrap();
+            for (n, _) in part {
+                map.insert(n.clone(), file.clone().into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let sharded = SafetensorsSet::open(dir.path()).unwrap();
+        assert_eq!(sharded.shards.len(), 2);
+        assert_eq!(sharded.tensors.len(), whole.tensors.len());
+        for (name, info) in &whole.tensors {
+            let other = &sharded.tensors[name];
+            assert_eq!(
+                (&other.dims, other.dtype),
+                (&info.dims, info.dtype),
+                "{name}"
+            );
+            assert_eq!(
+                sharded.tensor_data(other),
+                whole.tensor_data(info),
+                "{name}"
+            );
+        }
+        // An index naming a shard outside the folder is refused.
+        let bad = serde_json::json!({"weight_map": {"x": "../evil.safetensors"}});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            bad.to_string(),
+        )
+        .unwrap();
+        let err = SafetensorsSet::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a file in the folder"), "{err}");
+        // A truncated shard is named.
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let shard = dir.path().join("model-00001-of-00002.safetensors");
+        let data = std::fs::read(&shard).unwrap();
+        std::fs::write(&shard, &data[..data.len() - 10]).unwrap();
+        let err = SafetensorsSet::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("model-00001-of-00002.safetensors"), "{err}");
+    }
+
+    #[test]
     fn names_map_to_gguf() {
         assert_eq!(
             gguf_name("model.layers.3.self_attn.q_proj.bias").as_deref(),
