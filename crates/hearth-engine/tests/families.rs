@@ -254,3 +254,27 @@ fn k_quant_gguf_from_llama_cpp() {
         "each type nearer than the one with fewer bits: {seen:?}"
     );
 }
+
+#[test]
+fn the_gpu_graph_on_the_cpu() {
+    // The candle-tensor path CUDA and Metal take (biases, q/k norms, the sliding-window
+    // mask, dense weights), run on the CPU: it keeps its KV cache in f16 and rounds as
+    // llama.cpp does, so it meets transformers to ~1e-2 rather than 1e-5.
+    for family in ["llama", "mistral", "qwen2", "qwen3"] {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let mut m = LoadedModel::load(&dir, &Device::Cpu).unwrap();
+        m.model.use_tensor_path();
+        let mut cache = m.model.cache_for_sequences(1).unwrap();
+        let mut worst = 0f32;
+        let mut table = BlockTable::new();
+        for (pos, &id) in g.ids.iter().enumerate() {
+            let ours = m.model.forward(&mut cache, &mut table, &[id]).unwrap();
+            for (a, b) in ours.iter().zip(&g.logits[pos]) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        eprintln!("{family} tensor path: max |Δlogit| {worst:.2e}");
+        assert!(worst < 5e-2, "{family}: {worst}");
+    }
+}
