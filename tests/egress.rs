@@ -7,8 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{chat, Server};
@@ -59,7 +58,8 @@ fn strace_sees_only_loopback_sockets() {
         strace.is_ok_and(|o| o.status.success()),
         "strace is needed (scripts/test installs it)"
     );
-    let mut child = Command::new("strace")
+    let mut strace = Command::new("strace");
+    strace
         .args([
             "-f",
             "-qq",
@@ -71,19 +71,8 @@ fn strace_sees_only_loopback_sockets() {
         .arg(env!("CARGO_BIN_EXE_hearth"))
         .args(["serve", "--port", "0", "-t", "2", "-m"])
         .arg(&model)
-        .env_remove("HEARTH_API_KEYS")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let authority = line
-        .trim()
-        .strip_prefix("hearth: listening on http://")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .to_owned();
+        .env_remove("HEARTH_API_KEYS");
+    let (child, authority) = common::spawn_listening(&mut strace, "http");
     // The harness's Server kills on drop; here the server is strace's child.
     let server = Server { child, authority };
     let start = Instant::now();

@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,27 +62,16 @@ fn https_with_a_self_signed_certificate() {
     std::fs::write(&key_path, generated.signing_key.serialize_pem()).unwrap();
 
     let model = common::root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--port", "0", "-t", "2", "-m"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    cmd.args(["serve", "--port", "0", "-t", "2", "-m"])
         .arg(&model)
         .arg("--tls-cert")
         .arg(&cert_path)
         .arg("--tls-key")
         .arg(&key_path)
-        .env_remove("HEARTH_API_KEYS")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+        .env_remove("HEARTH_API_KEYS");
+    let (child, authority) = common::spawn_listening(&mut cmd, "https");
     let _server = Killed(child);
-    let authority = line
-        .trim()
-        .strip_prefix("hearth: listening on https://")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .to_owned();
 
     let mut roots = rustls::RootCertStore::empty();
     roots

@@ -313,6 +313,21 @@ mod tests {
         s: AttentionShape,
         scale: f32,
     ) -> Vec<f32> {
+        reference_with(q, seq, pos, k, v, s, scale, true)
+    }
+
+    /// `reference`, with the query rounded to f16 (as the f16 cache path does) or not.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_with(
+        q: &[f32],
+        seq: usize,
+        pos: usize,
+        k: &[f16],
+        v: &[f16],
+        s: AttentionShape,
+        scale: f32,
+        round_q: bool,
+    ) -> Vec<f32> {
         let hd = s.head_dim;
         let width = s.kv_heads * hd;
         let mut out = vec![0f32; q.len()];
@@ -321,7 +336,13 @@ mod tests {
                 let g = h / (s.heads / s.kv_heads);
                 let qrow: Vec<f64> = q[(t * s.heads + h) * hd..][..hd]
                     .iter()
-                    .map(|&x| f16::from_f32(x).to_f64())
+                    .map(|&x| {
+                        if round_q {
+                            f16::from_f32(x).to_f64()
+                        } else {
+                            x as f64
+                        }
+                    })
                     .collect();
                 let vis = pos + t + 1;
                 let first = s.window.map_or(0, |w| vis.saturating_sub(w));
@@ -331,50 +352,6 @@ mod tests {
                         key.iter()
                             .zip(&qrow)
                             .map(|(a, b)| a.to_f64() * b)
-                            .sum::<f64>()
-                            * scale as f64
-                    })
-                    .collect();
-                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for d in 0..hd {
-                    out[(t * s.heads + h) * hd + d] = (first..vis)
-                        .map(|j| e[j - first] / z * v[j * width + g * hd + d].to_f64())
-                        .sum::<f64>() as f32;
-                }
-            }
-        }
-        out
-    }
-
-    /// Like `reference` without rounding the query to f16.
-    fn reference_unrounded(
-        q: &[f32],
-        seq: usize,
-        pos: usize,
-        k: &[f16],
-        v: &[f16],
-        s: AttentionShape,
-        scale: f32,
-    ) -> Vec<f32> {
-        // A query whose values are exact in f16 rounds to itself: scale it through a
-        // power of two is not enough, so compare against the f64 sum directly.
-        let hd = s.head_dim;
-        let width = s.kv_heads * hd;
-        let mut out = vec![0f32; q.len()];
-        for t in 0..seq {
-            for h in 0..s.heads {
-                let g = h / (s.heads / s.kv_heads);
-                let qrow = &q[(t * s.heads + h) * hd..][..hd];
-                let vis = pos + t + 1;
-                let first = s.window.map_or(0, |w| vis.saturating_sub(w));
-                let scores: Vec<f64> = (first..vis)
-                    .map(|j| {
-                        k[j * width + g * hd..][..hd]
-                            .iter()
-                            .zip(qrow)
-                            .map(|(a, &b)| a.to_f64() * b as f64)
                             .sum::<f64>()
                             * scale as f64
                     })
@@ -492,7 +469,7 @@ mod tests {
         };
         let mut exact = vec![0f32; q.len()];
         attend(&q, seq, pos, kv, s, 0.2, &mut exact);
-        let exact_ref = reference_unrounded(&q, seq, pos, &k, &v, s, 0.2);
+        let exact_ref = reference_with(&q, seq, pos, &k, &v, s, 0.2, false);
         for (a, b) in exact.iter().zip(&exact_ref) {
             assert!((a - b).abs() < 2e-5, "{a} vs {b}");
         }

@@ -34,6 +34,28 @@ impl Drop for Server {
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Starts `cmd` (a `hearth serve`, perhaps under another program) with stdout piped and
+/// reads the address from its first line, `hearth: listening on SCHEME://ADDR`.
+pub fn spawn_listening(cmd: &mut Command, scheme: &str) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let authority = line
+        .trim()
+        .strip_prefix(&format!("hearth: listening on {scheme}://"))
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("unexpected first line {line:?}")
+        })
+        .to_owned();
+    (child, authority)
+}
+
 impl Server {
     pub fn start(extra: &[&str]) -> Self {
         Self::start_env(extra, &[])
@@ -52,16 +74,7 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("the binary starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let authority = line
-            .trim()
-            .strip_prefix("hearth: listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
+        let (child, authority) = spawn_listening(&mut cmd, "http");
         let server = Server { child, authority };
         let start = Instant::now();
         while server.get("/ready").0 != 200 {

@@ -65,6 +65,18 @@ fn max_diff(model: &Path, g: &Golden) -> f32 {
     worst
 }
 
+/// Largest difference from transformers at the last position, the whole input run in
+/// one pass with an f32 KV cache.
+fn last_diff(m: &mut LoadedModel, g: &Golden) -> f32 {
+    m.model.set_kv_dtype(KvDtype::F32);
+    let mut cache = m.model.cache_for_sequences(1).unwrap();
+    let mut table = BlockTable::new();
+    let last = m.model.forward(&mut cache, &mut table, &g.ids).unwrap();
+    last.iter()
+        .zip(g.logits.last().unwrap())
+        .fold(0f32, |w, (a, b)| w.max((a - b).abs()))
+}
+
 /// The bar: f32 weights, f32 KV cache, every logit within 1e-4 of transformers'.
 const TOLERANCE: f32 = 1e-4;
 
@@ -141,14 +153,7 @@ fn weights_converted_at_load() {
             },
         )
         .map_err(|e| e.to_string())?;
-        m.model.set_kv_dtype(KvDtype::F32);
-        let mut cache = m.model.cache_for_sequences(1).unwrap();
-        let mut table = BlockTable::new();
-        let last = m.model.forward(&mut cache, &mut table, &g.ids).unwrap();
-        Ok(last
-            .iter()
-            .zip(g.logits.last().unwrap())
-            .fold(0f32, |w, (a, b)| w.max((a - b).abs())))
+        Ok(last_diff(&mut m, &g))
     };
     // f16 storage: close; q8_0 (our kernels, int8 activations): near; q4_0 further; each
     // really changed (logits here reach ±8).
@@ -198,14 +203,7 @@ fn llama_gguf_in_every_type_gguf_py_writes() {
         let path = dir.join(format!("tiny-llama.{ty}.gguf"));
         let mut m = LoadedModel::load(&path, &Device::Cpu)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        m.model.set_kv_dtype(KvDtype::F32);
-        let mut cache = m.model.cache_for_sequences(1).unwrap();
-        let mut table = BlockTable::new();
-        let last = m.model.forward(&mut cache, &mut table, &g.ids).unwrap();
-        let d = last
-            .iter()
-            .zip(g.logits.last().unwrap())
-            .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+        let d = last_diff(&mut m, &g);
         eprintln!("tiny-llama {ty}: max |Δlogit| {d:.2e}");
         assert!(d > 0.0 && d < bound, "{ty}: {d}");
         seen.push(d);
@@ -235,14 +233,7 @@ fn k_quant_gguf_from_llama_cpp() {
             m.info.weights.tensors().values().any(|t| t.dtype == kind),
             "{ty}: no {kind} tensor"
         );
-        m.model.set_kv_dtype(KvDtype::F32);
-        let mut cache = m.model.cache_for_sequences(1).unwrap();
-        let mut table = BlockTable::new();
-        let last = m.model.forward(&mut cache, &mut table, &g.ids).unwrap();
-        let d = last
-            .iter()
-            .zip(g.logits.last().unwrap())
-            .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+        let d = last_diff(&mut m, &g);
         eprintln!("tiny-llama-k {ty}: max |Δlogit| {d:.2e}");
         seen.push(d);
     }

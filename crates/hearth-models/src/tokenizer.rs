@@ -98,6 +98,28 @@ fn pre_tokenizer_regexes(pre: &str) -> Option<(&'static [&'static str], bool)> {
 const SUPPORTED_PRE: &str =
     "default, llama3/llama-bpe, qwen2, smollm/starcoder, gpt-2, falcon (and their aliases)";
 
+/// Chat models end turns with control tokens that the metadata does not always name;
+/// llama.cpp recognises these by text too.
+fn add_turn_enders(tokens: &[String], types: &[TokenType], eog: &mut Vec<u32>) {
+    for (i, (s, t)) in tokens.iter().zip(types).enumerate() {
+        if *t == TokenType::Control
+            && matches!(
+                s.as_str(),
+                "<|eot_id|>"
+                    | "<|im_end|>"
+                    | "<|end|>"
+                    | "<end_of_turn>"
+                    | "<|endoftext|>"
+                    | "<|eom_id|>"
+                    | "</s>"
+            )
+            && !eog.contains(&(i as u32))
+        {
+            eog.push(i as u32);
+        }
+    }
+}
+
 /// GPT-2's reversible map from bytes to printable characters.
 fn byte_level_alphabet() -> [char; 256] {
     let mut out = ['\0'; 256];
@@ -274,25 +296,7 @@ impl Tokenizer {
         let token_bytes = token_byte_table(kind, &tokens, &token_types);
 
         let mut eog: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
-        // Chat models end turns with control tokens that the metadata does not always
-        // name; llama.cpp recognises these by text too.
-        for (i, (s, t)) in tokens.iter().zip(&token_types).enumerate() {
-            if *t == TokenType::Control
-                && matches!(
-                    s.as_str(),
-                    "<|eot_id|>"
-                        | "<|im_end|>"
-                        | "<|end|>"
-                        | "<end_of_turn>"
-                        | "<|endoftext|>"
-                        | "<|eom_id|>"
-                        | "</s>"
-                )
-                && !eog.contains(&(i as u32))
-            {
-                eog.push(i as u32);
-            }
-        }
+        add_turn_enders(&tokens, &token_types, &mut eog);
 
         Ok(Self {
             inner,
@@ -384,22 +388,7 @@ impl Tokenizer {
                 eog.push(id);
             }
         }
-        for (i, (s, t)) in tokens.iter().zip(&token_types).enumerate() {
-            if *t == TokenType::Control
-                && matches!(
-                    s.as_str(),
-                    "<|eot_id|>"
-                        | "<|im_end|>"
-                        | "<|end|>"
-                        | "<end_of_turn>"
-                        | "<|eom_id|>"
-                        | "</s>"
-                )
-                && !eog.contains(&(i as u32))
-            {
-                eog.push(i as u32);
-            }
-        }
+        add_turn_enders(&tokens, &token_types, &mut eog);
         let token_bytes = token_byte_table(kind, &tokens, &token_types);
         Ok(Self {
             inner,
