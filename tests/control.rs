@@ -349,16 +349,7 @@ fn audit_content_streams_cancellation_and_rotation() {
     let mut body = chat("Count to five.", 12);
     body["stream"] = json!(true);
     let events = server.stream("/v1/chat/completions", &body);
-    let streamed: String = events
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .filter_map(|e| {
-            let v: Value = serde_json::from_str(e).unwrap();
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let streamed = common::streamed_content(&events);
     let (status, _) = server.post(
         "/v1/completions",
         &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}),

@@ -138,16 +138,7 @@ fn serve_a_folder_over_http() {
     let mut stream = body.clone();
     stream["stream"] = json!(true);
     let events = server.stream("/v1/chat/completions", &stream);
-    let streamed: String = events
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .filter_map(|e| {
-            let v: Value = serde_json::from_str(e).unwrap();
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let streamed = common::streamed_content(&events);
     assert_eq!(
         streamed,
         v["choices"][0]["message"]["content"].as_str().unwrap()
