@@ -218,6 +218,12 @@ impl ModelConfig {
             "llama" | "mistral" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
+            "bert" => {
+                return Err(
+                    "model_type `bert` is a sentence-embedding model, not a text generator: serve it (`hearth serve -m DIR`) for /v1/embeddings"
+                        .into(),
+                )
+            }
             other => {
                 return Err(format!(
                     "unsupported model_type `{other}` (supported: llama, mistral, qwen2, qwen3)"
@@ -528,6 +534,7 @@ mod tests {
     fn bad_hf_configs_say_what_is_wrong() {
         for (key, value, want) in [
             ("model_type", json!("gpt_neox"), "unsupported model_type"),
+            ("model_type", json!("bert"), "/v1/embeddings"),
             ("num_attention_heads", json!(0), "positive integer"),
             ("num_attention_heads", json!(3), "divisible"),
             ("num_key_value_heads", json!(3), "multiple"),
