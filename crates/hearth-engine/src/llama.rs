@@ -12,6 +12,7 @@
 //! output matches llama.cpp token for token. Other devices run the same graph as candle
 //! tensor ops.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
@@ -20,8 +21,6 @@ use hearth_kernels::attention::{attend, AttentionShape, KvView};
 use hearth_kernels::math::{rms_norm, swiglu_in_place};
 use hearth_kernels::matmul::{QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
-use std::borrow::Cow;
-
 use hearth_models::{GgmlType, ModelConfig, RopeScaling, TensorInfo, Weights};
 
 use crate::kv_cache::{BlockTable, KvCache, KvDtype, BLOCK_SIZE};
@@ -308,11 +307,21 @@ impl Loader<'_> {
     }
 
     fn linear(&self, name: &str) -> Result<Linear, EngineError> {
-        let info = self.info(name)?;
         let (dtype, bytes) = self.matrix(name)?;
+        self.linear_from(name, dtype, &bytes)
+    }
+
+    /// The matrix `name` from its (already converted) type and bytes.
+    fn linear_from(
+        &self,
+        name: &str,
+        dtype: GgmlType,
+        bytes: &[u8],
+    ) -> Result<Linear, EngineError> {
+        let info = self.info(name)?;
         let format = native_format(dtype);
         if let (Some(format), true, &[k, n]) = (format, self.device.is_cpu(), &info.dims[..]) {
-            let w = QMatrix::from_bytes(format, &bytes, n, k)
+            let w = QMatrix::from_bytes(format, bytes, n, k)
                 .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
             return Ok(Linear::Native(w));
         }
@@ -323,11 +332,11 @@ impl Loader<'_> {
             _ => None,
         };
         if let Some(dt) = float {
-            let w = Tensor::from_raw_buffer(&bytes, dt, &info.shape(), self.device)
+            let w = Tensor::from_raw_buffer(bytes, dt, &info.shape(), self.device)
                 .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
             return Ok(Linear::Dense(w));
         }
-        let t = qtensor_from_ggml(candle_dtype(dtype), &bytes, info.shape(), self.device)
+        let t = qtensor_from_ggml(candle_dtype(dtype), bytes, info.shape(), self.device)
             .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
         let t = Arc::new(t);
         Ok(Linear::Candle(QMatMul::from_arc(t.clone())?, t))
@@ -359,9 +368,10 @@ impl Loader<'_> {
                 .map_err(|e| EngineError::Load(format!("tensors {names:?}: {e}")))?;
             return Ok(Fused::Stacked(w, rows));
         }
+        // Not stackable: each matrix on its own, from the bytes read (and converted) above.
         let mut linears = Vec::with_capacity(N);
-        for n in &names {
-            linears.push(self.linear(n)?);
+        for (n, (dtype, bytes)) in names.iter().zip(&mats) {
+            linears.push(self.linear_from(n, *dtype, bytes)?);
         }
         Ok(Fused::Separate(
             linears
@@ -676,6 +686,8 @@ impl Llama {
         let mut x = self.embeddings.rows_host(&tokens)?;
         let mut normed = vec![0f32; rows * h];
         let mut att = vec![0f32; rows * qw];
+        // q or k before its per-head norm (Qwen3), reused across layers.
+        let mut head_src = Vec::new();
         for (layer, b) in self.blocks.iter().enumerate() {
             rms_norm(&x, &b.attn_norm.host, c.rms_norm_eps, &mut normed);
             let [mut q, mut k, mut v] = b.qkv.forward_host(&normed, rows)?;
@@ -690,8 +702,9 @@ impl Llama {
                 // Each head's vector normalised on its own (rms_norm's rows are the
                 // weight's length: one head).
                 for (t, w) in [(&mut q, qn), (&mut k, kn)] {
-                    let src = t.clone();
-                    rms_norm(&src, &w.host, c.rms_norm_eps, t);
+                    head_src.clear();
+                    head_src.extend_from_slice(t);
+                    rms_norm(&head_src, &w.host, c.rms_norm_eps, t);
                 }
             }
             for ((item, rope), &start) in items.iter_mut().zip(ropes).zip(&starts) {
