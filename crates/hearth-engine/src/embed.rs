@@ -40,8 +40,7 @@ fn load_err(path: &Path, m: impl std::fmt::Display) -> EngineError {
 }
 
 fn read_json(path: &Path) -> Result<Value, EngineError> {
-    let text = std::fs::read_to_string(path).map_err(|e| load_err(path, e))?;
-    serde_json::from_str(&text).map_err(|e| load_err(path, format!("not valid JSON: {e}")))
+    hearth_models::hf::read_json(path).map_err(|e| EngineError::Load(e.to_string()))
 }
 
 impl Embedder {

@@ -47,9 +47,18 @@ pub(crate) fn err(path: &Path, message: impl Into<String>) -> HfError {
 }
 
 /// Reads a JSON file of the folder.
-pub(crate) fn read_json(path: &Path) -> Result<Value, HfError> {
+pub fn read_json(path: &Path) -> Result<Value, HfError> {
     let text = std::fs::read_to_string(path).map_err(|e| err(path, e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| err(path, format!("not valid JSON: {e}")))
+}
+
+/// Reads an optional JSON file of the folder: `Null` when it is not there.
+pub fn read_json_if_present(path: &Path) -> Result<Value, HfError> {
+    if path.is_file() {
+        read_json(path)
+    } else {
+        Ok(Value::Null)
+    }
 }
 
 /// The GGUF name of a Hugging Face tensor name, for the tensors the decoder reads.

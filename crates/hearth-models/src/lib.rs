@@ -162,17 +162,8 @@ impl GgufModel {
         let config = ModelConfig::from_hf(&config_json, &weights.tensors)
             .map_err(|m| hf::err(&config_path, m))?;
         let tok_config_path = dir.join("tokenizer_config.json");
-        let tok_config = if tok_config_path.is_file() {
-            hf::read_json(&tok_config_path)?
-        } else {
-            serde_json::Value::Null
-        };
-        let gen_path = dir.join("generation_config.json");
-        let gen = if gen_path.is_file() {
-            hf::read_json(&gen_path)?
-        } else {
-            serde_json::Value::Null
-        };
+        let tok_config = hf::read_json_if_present(&tok_config_path)?;
+        let gen = hf::read_json_if_present(&dir.join("generation_config.json"))?;
         let eos_ids: Vec<u32> = match &gen["eos_token_id"] {
             serde_json::Value::Array(a) => a
                 .iter()

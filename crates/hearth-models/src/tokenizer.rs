@@ -322,13 +322,9 @@ impl Tokenizer {
         eos_ids: &[u32],
     ) -> Result<Self, String> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())?;
-        let json: serde_json::Value = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
         // Byte-level BPE (GPT-2, Llama 3, Qwen) or SentencePiece-style BPE (Llama 2,
-        // Mistral): the decoder says which.
-        let decoder = json["decoder"].to_string();
+        // Mistral): the decoder (alone or inside a sequence) says which.
+        let decoder = serde_json::to_string(&inner.get_decoder()).unwrap_or_default();
         let kind = if decoder.contains("ByteLevel") {
             TokenizerKind::Gpt2
         } else {
