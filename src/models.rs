@@ -78,7 +78,8 @@ pub fn progress(path: &Path) -> impl FnMut(u64, u64) {
 }
 
 /// Checks `path` against its pin before it is loaded (the hash cache makes unchanged files
-/// fast). Unpinned files load with a warning, or are refused with `require`.
+/// fast). Unpinned files load (noted in the log at info level), or are refused with
+/// `require`.
 pub fn check_pin(path: &Path, explicit: Option<&str>, require: bool) -> anyhow::Result<()> {
     if path.is_dir() {
         return check_folder_pins(path, explicit, require);
@@ -153,14 +154,7 @@ fn selected(
         Some(dir) => Some(locate::read_manifest(&dir)?),
         None => None,
     };
-    let entry_for = |path: &Path| {
-        let target = std::fs::canonicalize(path).ok()?;
-        let m = manifest.as_ref()?;
-        m.entries
-            .iter()
-            .find(|e| std::fs::canonicalize(m.path_of(e)).is_ok_and(|p| p == target))
-            .cloned()
-    };
+    let entry_for = |path: &Path| manifest.as_ref()?.entry_for(path).cloned();
     if models.is_empty() {
         let m = manifest
             .as_ref()

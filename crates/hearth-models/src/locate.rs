@@ -53,6 +53,14 @@ impl Manifest {
     pub fn path_of(&self, e: &ManifestEntry) -> PathBuf {
         self.dir.join(&e.file)
     }
+
+    /// The entry whose file is `path` (compared as canonical paths).
+    pub fn entry_for(&self, path: &Path) -> Option<&ManifestEntry> {
+        let target = std::fs::canonicalize(path).ok()?;
+        self.entries
+            .iter()
+            .find(|e| std::fs::canonicalize(self.path_of(e)).is_ok_and(|p| p == target))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -83,18 +83,15 @@ pub fn find_pin(path: &Path, explicit: Option<&str>) -> Result<Option<Pin>, PinE
             continue;
         }
         let manifest = locate::read_manifest(&dir)?;
-        for e in &manifest.entries {
-            let same = std::fs::canonicalize(manifest.path_of(e)).is_ok_and(|p| p == target);
-            if same {
-                return Ok(Some(Pin {
-                    sha256: e.sha256.clone(),
-                    from: format!(
-                        "{} (model `{}`)",
-                        dir.join(locate::MANIFEST).display(),
-                        e.name
-                    ),
-                }));
-            }
+        if let Some(e) = manifest.entry_for(&target) {
+            return Ok(Some(Pin {
+                sha256: e.sha256.clone(),
+                from: format!(
+                    "{} (model `{}`)",
+                    dir.join(locate::MANIFEST).display(),
+                    e.name
+                ),
+            }));
         }
     }
     Ok(None)
