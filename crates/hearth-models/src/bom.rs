@@ -89,7 +89,7 @@ fn uuid_v4() -> String {
     let _ = getrandom::fill(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let h = crate::pin::hex(&b);
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],

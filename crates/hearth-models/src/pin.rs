@@ -122,8 +122,15 @@ pub fn sha256_file(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<St
     Ok(hex(&hasher.finalize()))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Bytes as lower-case hex (hashes, keys, identifiers).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// What identifies a file's contents without reading them.

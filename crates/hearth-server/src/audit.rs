@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::keys::hex;
+use hearth_models::pin::hex;
 
 /// When written lines are forced to disk.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use hearth_models::pin::{hex, is_sha256_hex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -95,12 +96,7 @@ impl KeysFile {
             if !names.insert(k.name.as_str()) {
                 return Err(KeysError::Invalid(format!("{at}: the name is used twice")));
             }
-            if k.sha256.len() != 64
-                || !k
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
+            if !is_sha256_hex(&k.sha256) {
                 return Err(KeysError::Invalid(format!(
                     "{at}: sha256 must be 64 lower-case hex digits"
                 )));
@@ -253,16 +249,6 @@ pub fn generate_key() -> Result<String, KeysError> {
 /// Lower-case hex SHA-256 of a key, as the keys file stores it.
 pub fn hash_key(key: &str) -> String {
     hex(&Sha256::digest(key.as_bytes()))
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// Who a request's key belongs to and what it may do.
