@@ -230,4 +230,27 @@ fn folders_are_pinned_by_their_manifest_and_bad_folders_are_named() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let out = hearth(&[], &["run", "-m", other.to_str().unwrap(), "Hi"]);
     assert!(text(&out.stderr).contains("blk.2"), "{}", text(&out.stderr));
+    // Garbage in the weights, the tokenizer or the config: one line naming the file.
+    cfg["num_hidden_layers"] = json!(2);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    for (file, garbage) in [
+        ("tokenizer.json", &b"{\"model\": 7"[..]),
+        ("config.json", &b"\xff\xfe not json"[..]),
+        (
+            "model.safetensors",
+            &b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"[..],
+        ),
+    ] {
+        let path = other.join(file);
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, garbage).unwrap();
+        let out = hearth(&[], &["run", "-m", other.to_str().unwrap(), "Hi"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {err}");
+        assert!(
+            err.contains(file) && err.lines().count() == 1,
+            "{file}: {err}"
+        );
+        std::fs::write(&path, good).unwrap();
+    }
 }
