@@ -1,12 +1,14 @@
-//! `hearth-kernels` owns the hot CPU loops: GGML block formats, quantization of
-//! activations, quantized dot products and matmul, rope, attention over an f16 KV cache,
-//! and the elementwise math (expf, SiLU, RMS norm).
+//! `hearth-kernels` owns the hot CPU loops: GGUF weight formats (Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0, Q4_K, Q5_K, Q6_K) decoded and repacked for SIMD, quantization of activations,
+//! the quantized matmul, rope, attention over an f16 KV cache, and the elementwise math
+//! (expf, SiLU, RMS norm).
 //!
-//! Pure functions over slices. Every SIMD path has a scalar twin that computes the *same*
-//! floating-point operations in the same order (accumulator lanes, fused multiply-adds,
-//! horizontal sums), so the two agree bit for bit and tests demand equality. The
-//! arithmetic reproduces llama.cpp's x86 CPU backend, so logits equal llama.cpp's to the
-//! bit. Nothing here allocates per dot product or knows about models.
+//! Pure functions over slices. Every SIMD path (AVX-512 VNNI, AVX2, picked at run time)
+//! has a scalar twin that computes the *same* floating-point operations in the same order
+//! (accumulator lanes, fused multiply-adds, horizontal sums), so they agree bit for bit
+//! and tests demand equality. For the 32-element formats the arithmetic reproduces
+//! llama.cpp's x86 CPU backend, so logits equal llama.cpp's to the bit. Nothing here
+//! allocates per dot product or knows about models.
 //!
 //! `HEARTH_NO_SIMD=1` forces the scalar paths (to test them on a SIMD machine).
 
@@ -38,15 +40,15 @@ macro_rules! multiversion {
 
 pub mod attention;
 pub mod blocks;
-pub mod dot;
-pub mod gemm;
+pub mod formats;
 pub mod math;
 pub mod matmul;
+pub mod packed;
 pub mod quantize;
 pub mod rope;
 
 pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
-pub use matmul::{QMatrix, QMatrixError};
+pub use matmul::{QFormat, QMatrix, QMatrixError};
 
 /// Whether the switch `HEARTH_NO_<name>` (set, non-empty, not `0`) turns a path off.
 pub(crate) fn switched_off(var: &str) -> bool {
@@ -66,6 +68,30 @@ pub fn has_avx2() -> bool {
                 && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
                 && std::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the AVX-512 VNNI kernels are usable (`HEARTH_NO_AVX512=1` turns them off, to
+/// test the AVX2 paths on such a machine).
+#[inline]
+pub fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(|| {
+            has_avx2()
+                && !switched_off("HEARTH_NO_AVX512")
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]

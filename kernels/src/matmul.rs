@@ -1,19 +1,18 @@
 //! `y = x · Wᵀ` for a quantized weight matrix W (n rows of k elements) and m activation
-//! rows. Activations are quantized once per row; each task owns a band of weight rows and
-//! runs it against every activation row while the band is in cache, so a batch of m rows
-//! reads the weights once, not m times.
+//! rows. W is repacked at load ([`crate::packed`]); activations are quantized once per
+//! row; each task owns a range of 16-row groups and runs every activation row against a
+//! group while it is in cache, so a batch of m rows reads the weights once, not m times.
 
 use rayon::prelude::*;
 
-use crate::blocks::{read_blocks, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlBlock, QK};
-use crate::dot;
-use crate::gemm::{self, TileOut, TILE_COLS, TILE_ROWS};
-use crate::quantize::{quantize_row_q8_0, quantize_row_q8_1};
+pub use crate::formats::QFormat;
+use crate::formats::{dequantize, QK};
+use crate::packed::{quantize_acts, Act, Packed, COLS, ROWS};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum QMatrixError {
-    /// The row length is not a whole number of blocks.
-    RowLength { k: usize },
+    /// The row length is not a whole number of the format's blocks.
+    RowLength { k: usize, block: usize },
     /// The byte count does not match n × k.
     Size { expected: usize, got: usize },
 }
@@ -21,7 +20,12 @@ pub enum QMatrixError {
 impl std::fmt::Display for QMatrixError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::RowLength { k } => write!(f, "row length {k} is not a multiple of {QK}"),
+            Self::RowLength { k, block } => {
+                write!(
+                    f,
+                    "row length {k} is not a multiple of the block size {block}"
+                )
+            }
             Self::Size { expected, got } => {
                 write!(f, "expected {expected} bytes of blocks, got {got}")
             }
@@ -31,64 +35,44 @@ impl std::fmt::Display for QMatrixError {
 
 impl std::error::Error for QMatrixError {}
 
-enum Data {
-    Q4_0(Vec<BlockQ4_0>),
-    Q4_1(Vec<BlockQ4_1>),
-    Q8_0(Vec<BlockQ8_0>),
-}
-
-/// A quantized weight matrix, row-major: `n` rows of `k` elements.
+/// A quantized weight matrix: `n` rows of `k` elements.
 pub struct QMatrix {
-    n: usize,
     k: usize,
-    data: Data,
-}
-
-/// Which weight formats [`QMatrix`] handles.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QFormat {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
-
-/// Weight rows per task: small enough to balance two to many threads, large enough that
-/// scheduling costs little next to the dots.
-const BAND: usize = 16;
-
-fn blocks<B: GgmlBlock>(bytes: &[u8], n: usize, k: usize) -> Result<Vec<B>, QMatrixError> {
-    let expected = n * (k / QK) * B::BYTES;
-    if bytes.len() != expected {
-        return Err(QMatrixError::Size {
-            expected,
-            got: bytes.len(),
-        });
-    }
-    Ok(read_blocks(bytes))
+    packed: Packed,
 }
 
 impl QMatrix {
-    /// Reads GGUF block bytes of an n × k matrix.
+    /// Reads GGUF block bytes of an n × k matrix (rows in file order) and packs them.
     pub fn from_bytes(
         format: QFormat,
         bytes: &[u8],
         n: usize,
         k: usize,
     ) -> Result<Self, QMatrixError> {
-        if !k.is_multiple_of(QK) || k == 0 {
-            return Err(QMatrixError::RowLength { k });
+        let block = format.block_elems();
+        if !k.is_multiple_of(block) || k == 0 {
+            return Err(QMatrixError::RowLength { k, block });
         }
-        let data = match format {
-            QFormat::Q4_0 => Data::Q4_0(blocks(bytes, n, k)?),
-            QFormat::Q4_1 => Data::Q4_1(blocks(bytes, n, k)?),
-            QFormat::Q8_0 => Data::Q8_0(blocks(bytes, n, k)?),
-        };
-        Ok(Self { n, k, data })
+        let expected = n * (k / block) * format.block_bytes();
+        if bytes.len() != expected {
+            return Err(QMatrixError::Size {
+                expected,
+                got: bytes.len(),
+            });
+        }
+        Ok(Self {
+            k,
+            packed: Packed::from_gguf(format, bytes, n, k),
+        })
+    }
+
+    pub fn format(&self) -> QFormat {
+        self.packed.format()
     }
 
     /// Output features.
     pub fn rows(&self) -> usize {
-        self.n
+        self.packed.rows()
     }
 
     /// Input features.
@@ -96,136 +80,74 @@ impl QMatrix {
         self.k
     }
 
-    /// Row `r` as f32 (an embedding lookup).
+    /// Row `r` as f32 (an embedding lookup), dequantized as ggml does.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.k / QK;
-        fn copy<B: GgmlBlock>(b: &[B], out: &mut [f32]) {
-            for (blk, o) in b.iter().zip(out.chunks_exact_mut(QK)) {
-                o.copy_from_slice(&blk.dequantize());
-            }
-        }
-        match &self.data {
-            Data::Q4_0(b) => copy(&b[r * nb..(r + 1) * nb], out),
-            Data::Q4_1(b) => copy(&b[r * nb..(r + 1) * nb], out),
-            Data::Q8_0(b) => copy(&b[r * nb..(r + 1) * nb], out),
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            dequantize(self.format(), &self.packed.decoded(r, b), o);
         }
     }
 
     /// `out[i * n + j] = dot(x row i, W row j)` for `m = x.len() / k` rows.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
-        let (n, k) = (self.n, self.k);
+        let (n, k) = (self.rows(), self.k);
         assert_eq!(x.len() % k, 0, "activation length is not a multiple of k");
         let m = x.len() / k;
         assert_eq!(out.len(), m * n, "output length");
-        match &self.data {
-            Data::Q4_0(w) => run(
-                w,
-                n,
-                k,
-                x,
-                out,
-                quantize_row_q8_0,
-                dot::dot_q4_0_q8_0,
-                gemm::tile_q4_0,
-            ),
-            Data::Q4_1(w) => run(
-                w,
-                n,
-                k,
-                x,
-                out,
-                quantize_row_q8_1,
-                dot::dot_q4_1_q8_1,
-                gemm::tile_q4_1,
-            ),
-            Data::Q8_0(w) => run(
-                w,
-                n,
-                k,
-                x,
-                out,
-                quantize_row_q8_0,
-                dot::dot_q8_0_q8_0,
-                gemm::tile_q8_0,
-            ),
+        let nb = k / QK;
+        let bias = self.format().bias();
+        let mut acts = vec![Act::default(); m * nb];
+        if m > 1 {
+            acts.par_chunks_mut(nb)
+                .zip(x.par_chunks(k))
+                .for_each(|(q, row)| quantize_acts(row, bias, q));
+        } else {
+            quantize_acts(x, bias, &mut acts);
         }
+        let ptr = OutPtr(out.as_mut_ptr());
+        let groups = self.packed.groups();
+        let per_task = (groups / (rayon::current_num_threads() * 4)).max(1);
+        (0..groups)
+            .into_par_iter()
+            .with_min_len(per_task)
+            .for_each(|g| {
+                let p = ptr;
+                let rows = (n - g * ROWS).min(ROWS);
+                let mut tile = [[0f32; ROWS]; COLS];
+                for c0 in (0..m).step_by(COLS) {
+                    let cols = (m - c0).min(COLS);
+                    let a: [&[Act]; COLS] = std::array::from_fn(|c| {
+                        let i = c0 + c.min(cols - 1);
+                        &acts[i * nb..(i + 1) * nb]
+                    });
+                    self.packed.group_dot(g, &a[..cols], &mut tile);
+                    for (c, t) in tile[..cols].iter().enumerate() {
+                        // SAFETY: c0 + c < m and g·16 + rows <= n, so the range lies in
+                        // `out`; row range g·16.. belongs to this task alone.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                t.as_ptr(),
+                                p.0.add((c0 + c) * n + g * ROWS),
+                                rows,
+                            )
+                        };
+                    }
+                }
+            });
     }
 }
 
 /// Raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: every task writes only the columns of its own band of weight rows.
+// SAFETY: every task writes only the columns of its own groups of weight rows.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
-
-/// Four weight rows against one to four activation rows.
-type Tile<W, A> = fn([&[W]; TILE_ROWS], &[&[A]], &mut TileOut);
-
-#[allow(clippy::too_many_arguments)]
-fn run<W: Sync, A: Default + Copy + Send + Sync>(
-    w: &[W],
-    n: usize,
-    k: usize,
-    x: &[f32],
-    out: &mut [f32],
-    quantize: fn(&[f32], &mut [A]),
-    dot: fn(&[W], &[A]) -> f32,
-    tile: Tile<W, A>,
-) {
-    let nb = k / QK;
-    let m = x.len() / k;
-    let mut xq = vec![A::default(); m * nb];
-    if m > 1 {
-        xq.par_chunks_mut(nb)
-            .zip(x.par_chunks(k))
-            .for_each(|(q, row)| quantize(row, q));
-    } else {
-        quantize(x, &mut xq);
-    }
-    let ptr = OutPtr(out.as_mut_ptr());
-    let bands = n.div_ceil(BAND);
-    (0..bands).into_par_iter().for_each(|band| {
-        let p = ptr;
-        let r0 = band * BAND;
-        let r1 = (r0 + BAND).min(n);
-        let row = |r: usize| &w[r * nb..(r + 1) * nb];
-        let act = |i: usize| &xq[i * nb..(i + 1) * nb];
-        let mut tile_out: TileOut = [[0.0; TILE_COLS]; TILE_ROWS];
-        // Up to four activation rows at a time against four weight rows at a time.
-        for i0 in (0..m).step_by(TILE_COLS) {
-            let cols = (m - i0).min(TILE_COLS);
-            let acts: [&[A]; TILE_COLS] = std::array::from_fn(|c| act(i0 + c.min(cols - 1)));
-            let mut r = r0;
-            // SAFETY (the writes below): i < m and r < n, so each index is inside `out`;
-            // each (i, r) is written by exactly one task (the one owning row r).
-            while r + TILE_ROWS <= r1 {
-                tile(
-                    std::array::from_fn(|j| row(r + j)),
-                    &acts[..cols],
-                    &mut tile_out,
-                );
-                for (j, outs) in tile_out.iter().enumerate() {
-                    for (c, &v) in outs[..cols].iter().enumerate() {
-                        unsafe { *p.0.add((i0 + c) * n + r + j) = v };
-                    }
-                }
-                r += TILE_ROWS;
-            }
-            for r in r..r1 {
-                for (c, a) in acts[..cols].iter().enumerate() {
-                    let v = dot(row(r), a);
-                    unsafe { *p.0.add((i0 + c) * n + r) = v };
-                }
-            }
-        }
-    });
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blocks::BlockQ8_1;
+    use crate::formats::{decode, Decoded};
+    use crate::packed::dot_ref;
 
     fn q4_1_bytes(n: usize, k: usize) -> Vec<u8> {
         let mut out = Vec::new();
@@ -242,20 +164,28 @@ mod tests {
     }
 
     #[test]
-    fn matmul_matches_row_by_row_dots() {
+    fn matmul_matches_row_by_row_reference() {
         let (n, k, m) = (37, 96, 5);
-        let w = QMatrix::from_bytes(QFormat::Q4_1, &q4_1_bytes(n, k), n, k).unwrap();
+        let bytes = q4_1_bytes(n, k);
+        let w = QMatrix::from_bytes(QFormat::Q4_1, &bytes, n, k).unwrap();
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         let mut out = vec![0f32; m * n];
         w.matmul(&x, &mut out);
-        let wb: Vec<BlockQ4_1> = read_blocks(&q4_1_bytes(n, k));
         for i in 0..m {
-            let mut a = vec![BlockQ8_1::default(); k / QK];
-            quantize_row_q8_1(&x[i * k..(i + 1) * k], &mut a);
+            let mut a = vec![Act::default(); k / QK];
+            quantize_acts(&x[i * k..(i + 1) * k], 0, &mut a);
             for r in 0..n {
-                let want = dot::dot_q4_1_q8_1_ref(&wb[r * 3..(r + 1) * 3], &a);
+                let row: Vec<Decoded> = bytes[r * 60..(r + 1) * 60]
+                    .chunks_exact(20)
+                    .map(|b| {
+                        let mut d = [Decoded::default()];
+                        decode(QFormat::Q4_1, b, &mut d);
+                        d[0]
+                    })
+                    .collect();
+                let want = dot_ref(QFormat::Q4_1, &row, &a);
                 assert_eq!(out[i * n + r].to_bits(), want.to_bits(), "row {i} col {r}");
             }
         }
@@ -276,7 +206,11 @@ mod tests {
         );
         assert_eq!(
             QMatrix::from_bytes(QFormat::Q8_0, &[], 1, 33).err(),
-            Some(QMatrixError::RowLength { k: 33 })
+            Some(QMatrixError::RowLength { k: 33, block: 32 })
+        );
+        assert_eq!(
+            QMatrix::from_bytes(QFormat::Q4K, &[], 1, 96).err(),
+            Some(QMatrixError::RowLength { k: 96, block: 256 })
         );
     }
 }

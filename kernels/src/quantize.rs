@@ -4,6 +4,7 @@
 use half::f16;
 
 use crate::blocks::{BlockQ8_0, BlockQ8_1, QK};
+use crate::packed::Act;
 
 #[inline(always)]
 fn quantize_block(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
@@ -38,6 +39,26 @@ multiversion! {
             let (d, sum) = quantize_block(xs, &mut b.qs);
             b.d = f16::from_f32(d);
             b.s = f16::from_f32(d * sum as f32);
+        }
+    }
+}
+
+multiversion! {
+    /// Activation blocks for the packed matmul (see [`Act`]); `x.len()` must equal
+    /// `out.len() * 32`.
+    pub fn quantize_acts_into(x: &[f32], bias: i32, out: &mut [Act]) {
+        debug_assert_eq!(x.len(), out.len() * QK);
+        for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+            let (d, sum) = quantize_block(xs, &mut b.qs);
+            b.d = f16::from_f32(d).to_f32();
+            // Q8_1's sum as ggml keeps it: an f16 of d · Σq, with the unrounded d.
+            b.s = f16::from_f32(d * sum as f32).to_f32();
+            for (k, n) in b.neg.iter_mut().enumerate() {
+                let lane: i32 = b.qs[4 * k..4 * k + 4].iter().map(|&v| v as i32).sum();
+                *n = -bias * lane;
+            }
+            b.neg_lo = b.neg[..4].iter().sum();
+            b.neg_hi = b.neg[4..].iter().sum();
         }
     }
 }

@@ -191,7 +191,12 @@ fn native_format(t: GgmlType) -> Option<QFormat> {
     match t {
         GgmlType::Q4_0 => Some(QFormat::Q4_0),
         GgmlType::Q4_1 => Some(QFormat::Q4_1),
+        GgmlType::Q5_0 => Some(QFormat::Q5_0),
+        GgmlType::Q5_1 => Some(QFormat::Q5_1),
         GgmlType::Q8_0 => Some(QFormat::Q8_0),
+        GgmlType::Q4K => Some(QFormat::Q4K),
+        GgmlType::Q5K => Some(QFormat::Q5K),
+        GgmlType::Q6K => Some(QFormat::Q6K),
         _ => None,
     }
 }

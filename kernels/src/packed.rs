@@ -1,0 +1,1022 @@
+//! Weight matrices repacked at load for the CPU's vector units: rows in groups of 16, and
+//! within a group, block by block, the same four value bytes of all 16 rows side by side
+//! (64 bytes: one AVX-512 register). One `vpdpbusd` against four activation bytes
+//! broadcast to every lane then advances 16 dot products at once, and a block's 16 scales
+//! are one f16→f32 conversion — where a row-major layout needs a horizontal reduction per
+//! row and block. Decode reads each weight byte once, and a batch of rows reuses each
+//! unpacked weight register for every activation row.
+//!
+//! Arithmetic, identical on every path (AVX-512 VNNI, AVX2, scalar) and given by
+//! [`dot_ref`]: integer sums of `(u − bias) · a` (exact), scaled into f32 accumulators as
+//! [`QFormat::lanes`] says — llama.cpp's eight lanes for the 32-element formats, so our
+//! logits equal llama.cpp's to the bit, two half-block sums for the K-quants. A row's
+//! result does not depend on the batch it is computed in nor on the instruction set; the
+//! tests demand equal bits.
+//!
+//! Layout of a group (all offsets multiples of 64 bytes):
+//! - values, per block: bits ≤ 6: four 64-byte planes, plane `p` holding bytes
+//!   `4p..4p+4` of each row's 16 nibble bytes (low nibble = elements `4p..4p+4`, high
+//!   nibble = elements `16+4p..16+4p+4`); 8 bits: eight planes of elements `4p..4p+4`;
+//! - extra high bits (5- and 6-bit formats), per block and bit: eight u64 masks, mask `p`
+//!   bit `4r + i` = that bit of element `4p + i` of row `r`;
+//! - scales, per block: 16 d (and 16 m, or 16 second d), f16 or f32.
+
+use crate::formats::{decode, Decoded, QFormat, Scheme, QK};
+
+/// Rows per group.
+pub const ROWS: usize = 16;
+/// Activation rows per kernel call, at most.
+pub const COLS: usize = 4;
+
+/// One activation block: int8 values, scale, and what the weight side needs of their sum.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct Act {
+    pub qs: [i8; QK],
+    /// Scale (an f16's value, as ggml stores it).
+    pub d: f32,
+    /// `d · Σqs` rounded to f16 (ggml's Q8_1), for formats with a minimum.
+    pub s: f32,
+    /// `−bias · Σqs` over each lane of four elements, and over the first and second 16:
+    /// the corrections that turn `Σ u·a` into `Σ (u − bias)·a`.
+    pub neg: [i32; 8],
+    pub neg_lo: i32,
+    pub neg_hi: i32,
+}
+
+/// Quantizes one activation row (ggml's Q8 rounding: `d = amax/127` stored as f16,
+/// values `round_ties_even(x · 127/amax)`), for weights with this `bias`.
+pub fn quantize_acts(x: &[f32], bias: i32, out: &mut [Act]) {
+    debug_assert_eq!(x.len(), out.len() * QK);
+    crate::quantize::quantize_acts_into(x, bias, out);
+}
+
+/// A matrix of `n` rows × `nb` blocks, packed.
+pub struct Packed {
+    format: QFormat,
+    n: usize,
+    nb: usize,
+    /// Bytes of one group.
+    stride: usize,
+    data: Vec<Line>,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+const fn value_bytes(bits: u32) -> usize {
+    if bits == 8 {
+        512
+    } else {
+        256
+    }
+}
+
+const fn extra_bytes(bits: u32) -> usize {
+    match bits {
+        5 => 64,
+        6 => 128,
+        _ => 0,
+    }
+}
+
+/// Where the parts of one group begin.
+#[derive(Clone, Copy)]
+struct Group {
+    vals: *const u8,
+    bits: *const u8,
+    scales: *const u8,
+}
+
+impl Packed {
+    /// Packs `n` rows given as decoded blocks, `nb` per row, row after row.
+    pub fn pack(
+        format: QFormat,
+        n: usize,
+        nb: usize,
+        rows: impl Fn(usize, &mut [Decoded]),
+    ) -> Self {
+        let (v, e, s) = Self::parts(format, nb);
+        let stride = v + e + s;
+        let groups = n.div_ceil(ROWS);
+        let mut data = vec![Line([0; 64]); groups * stride / 64];
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, data.len() * 64)
+        };
+        let mut row = vec![Decoded::default(); nb];
+        for r in 0..n {
+            rows(r, &mut row);
+            let (g, i) = (r / ROWS, r % ROWS);
+            let group = &mut bytes[g * stride..(g + 1) * stride];
+            let (vals, rest) = group.split_at_mut(v);
+            let (extra, scales) = rest.split_at_mut(e);
+            for (b, blk) in row.iter().enumerate() {
+                Self::put(format, blk, i, b, vals, extra, scales);
+            }
+        }
+        Self {
+            format,
+            n,
+            nb,
+            stride,
+            data,
+        }
+    }
+
+    /// Reads an `n × k` matrix of GGUF blocks.
+    pub fn from_gguf(format: QFormat, bytes: &[u8], n: usize, k: usize) -> Self {
+        let per_row = k / format.block_elems() * format.block_bytes();
+        let sub = format.block_elems() / QK;
+        Self::pack(format, n, k / QK, |r, out| {
+            let row = &bytes[r * per_row..(r + 1) * per_row];
+            for (fb, o) in row
+                .chunks_exact(format.block_bytes())
+                .zip(out.chunks_exact_mut(sub))
+            {
+                decode(format, fb, o);
+            }
+        })
+    }
+
+    /// Bytes of values, extra bits and scales per group.
+    fn parts(format: QFormat, nb: usize) -> (usize, usize, usize) {
+        let bits = format.bits();
+        (
+            nb * value_bytes(bits),
+            nb * extra_bytes(bits),
+            (nb * format.scheme().bytes()).div_ceil(64) * 64,
+        )
+    }
+
+    fn put(
+        format: QFormat,
+        blk: &Decoded,
+        i: usize,
+        b: usize,
+        vals: &mut [u8],
+        extra: &mut [u8],
+        scales: &mut [u8],
+    ) {
+        let bits = format.bits();
+        let vals = &mut vals[b * value_bytes(bits)..];
+        if bits == 8 {
+            for p in 0..8 {
+                vals[64 * p + 4 * i..64 * p + 4 * i + 4].copy_from_slice(&blk.u[4 * p..4 * p + 4]);
+            }
+        } else {
+            for p in 0..4 {
+                for j in 0..4 {
+                    let (lo, hi) = (blk.u[4 * p + j], blk.u[16 + 4 * p + j]);
+                    vals[64 * p + 4 * i + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+                }
+            }
+            let extra = &mut extra[b * extra_bytes(bits)..];
+            for x in 0..(bits as usize - 4) {
+                for p in 0..8 {
+                    let mut mask = u64::from_le_bytes(
+                        extra[64 * x + 8 * p..64 * x + 8 * p + 8]
+                            .try_into()
+                            .unwrap(),
+                    );
+                    for j in 0..4 {
+                        let bit = (blk.u[4 * p + j] >> (4 + x)) & 1;
+                        mask |= (bit as u64) << (4 * i + j);
+                    }
+                    extra[64 * x + 8 * p..64 * x + 8 * p + 8].copy_from_slice(&mask.to_le_bytes());
+                }
+            }
+        }
+        let scheme = format.scheme();
+        let s = &mut scales[b * scheme.bytes()..];
+        let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+        match scheme {
+            Scheme::D16 => s[2 * i..2 * i + 2].copy_from_slice(&f16(blk.d0)),
+            Scheme::D16M16 => {
+                s[2 * i..2 * i + 2].copy_from_slice(&f16(blk.d0));
+                s[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&f16(blk.m));
+            }
+            Scheme::D32M32 | Scheme::D32x2 => {
+                let second = if scheme == Scheme::D32M32 {
+                    blk.m
+                } else {
+                    blk.d1
+                };
+                s[4 * i..4 * i + 4].copy_from_slice(&blk.d0.to_le_bytes());
+                s[64 + 4 * i..64 + 4 * i + 4].copy_from_slice(&second.to_le_bytes());
+            }
+        }
+    }
+
+    pub fn format(&self) -> QFormat {
+        self.format
+    }
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+    pub fn blocks(&self) -> usize {
+        self.nb
+    }
+    pub fn groups(&self) -> usize {
+        self.n.div_ceil(ROWS)
+    }
+    /// Bytes held (the packed weights).
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 64
+    }
+
+    fn group(&self, g: usize) -> Group {
+        let (v, e, _) = Self::parts(self.format, self.nb);
+        // SAFETY: g < groups; the parts lie inside the group's stride.
+        unsafe {
+            let base = (self.data.as_ptr() as *const u8).add(g * self.stride);
+            Group {
+                vals: base,
+                bits: base.add(v),
+                scales: base.add(v + e),
+            }
+        }
+    }
+
+    /// Row `r`'s block `b`, decoded back from the packed bytes.
+    pub fn decoded(&self, r: usize, b: usize) -> Decoded {
+        assert!(r < self.n && b < self.nb, "row {r} block {b} out of range");
+        // SAFETY: the group holds nb blocks; r % 16 < 16.
+        unsafe { scalar::decoded(self.format, self.group(r / ROWS), b, r % ROWS) }
+    }
+
+    /// `out[c][i]` = dot(row `16g + i`, activation row `c`) for the activation rows `a`
+    /// (1 to [`COLS`] of them, `nb` blocks each).
+    pub fn group_dot(&self, g: usize, a: &[&[Act]], out: &mut [[f32; ROWS]]) {
+        assert!(g < self.groups() && (1..=COLS).contains(&a.len()) && out.len() >= a.len());
+        assert!(
+            a.iter().all(|r| r.len() == self.nb),
+            "activation rows of nb blocks"
+        );
+        let grp = self.group(g);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::has_avx512_vnni() {
+                // SAFETY: features detected; lengths checked above.
+                return unsafe { x86::dispatch_512(self.format, grp, self.nb, a, out) };
+            }
+            if crate::has_avx2() {
+                // SAFETY: as above.
+                return unsafe { x86::dispatch_avx2(self.format, grp, self.nb, a, out) };
+            }
+        }
+        // SAFETY: the group's parts hold nb blocks.
+        unsafe { scalar::group_dot(self.format, grp, self.nb, a, out) }
+    }
+}
+
+/// The reference: one row of decoded blocks against one activation row, with exactly the
+/// arithmetic of the packed kernels.
+pub fn dot_ref(format: QFormat, w: &[Decoded], a: &[Act]) -> f32 {
+    let scheme = format.scheme();
+    let bias = format.bias();
+    let mut mins = 0f32;
+    let sum = |wb: &Decoded, ab: &Act, j: std::ops::Range<usize>| -> i32 {
+        j.map(|j| (wb.u[j] as i32 - bias) * ab.qs[j] as i32).sum()
+    };
+    let total = if format.lanes() {
+        let mut acc = [0f32; 8];
+        for (wb, ab) in w.iter().zip(a) {
+            if scheme.has_min() {
+                mins += wb.m * ab.s;
+            }
+            let d = wb.d0 * ab.d;
+            for (k, l) in acc.iter_mut().enumerate() {
+                *l = d.mul_add(sum(wb, ab, 4 * k..4 * k + 4) as f32, *l);
+            }
+        }
+        ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    } else {
+        let mut acc = 0f32;
+        for (wb, ab) in w.iter().zip(a) {
+            if scheme.has_min() {
+                mins += wb.m * ab.s;
+            }
+            let (lo, hi) = (sum(wb, ab, 0..QK / 2), sum(wb, ab, QK / 2..QK));
+            if scheme == Scheme::D32x2 {
+                acc = (wb.d0 * ab.d).mul_add(lo as f32, acc);
+                acc = (wb.d1 * ab.d).mul_add(hi as f32, acc);
+            } else {
+                acc = (wb.d0 * ab.d).mul_add((lo + hi) as f32, acc);
+            }
+        }
+        acc
+    };
+    if scheme.has_min() {
+        total + mins
+    } else {
+        total
+    }
+}
+
+mod scalar {
+    use super::*;
+
+    /// Row `i`'s 32 values of block `b`.
+    ///
+    /// # Safety
+    /// `g` must point at a group of at least `b + 1` blocks of this bit width.
+    pub(super) unsafe fn values(g: Group, bits: u32, b: usize, i: usize) -> [u8; QK] {
+        let mut u = [0u8; QK];
+        let vals = g.vals.add(b * value_bytes(bits));
+        if bits == 8 {
+            for p in 0..8 {
+                for j in 0..4 {
+                    u[4 * p + j] = *vals.add(64 * p + 4 * i + j);
+                }
+            }
+            return u;
+        }
+        for p in 0..4 {
+            for j in 0..4 {
+                let v = *vals.add(64 * p + 4 * i + j);
+                u[4 * p + j] = v & 0x0f;
+                u[16 + 4 * p + j] = v >> 4;
+            }
+        }
+        let extra = g.bits.add(b * extra_bytes(bits));
+        for x in 0..(bits as usize - 4) {
+            for p in 0..8 {
+                let mask = std::ptr::read_unaligned(extra.add(64 * x + 8 * p) as *const u64);
+                for j in 0..4 {
+                    u[4 * p + j] |= (((mask >> (4 * i + j)) & 1) as u8) << (4 + x);
+                }
+            }
+        }
+        u
+    }
+
+    /// Row `i`'s block `b`: values and scales.
+    ///
+    /// # Safety
+    /// `g` must point at a group of at least `b + 1` blocks of `format`.
+    pub(super) unsafe fn decoded(format: QFormat, g: Group, b: usize, i: usize) -> Decoded {
+        let s = g.scales.add(b * format.scheme().bytes());
+        let f16 = |at: usize| {
+            half::f16::from_bits(std::ptr::read_unaligned(s.add(at) as *const u16)).to_f32()
+        };
+        let f32 = |at: usize| std::ptr::read_unaligned(s.add(at) as *const f32);
+        let (d0, d1, m) = match format.scheme() {
+            Scheme::D16 => (f16(2 * i), f16(2 * i), 0.0),
+            Scheme::D16M16 => (f16(2 * i), f16(2 * i), f16(32 + 2 * i)),
+            Scheme::D32M32 => (f32(4 * i), f32(4 * i), f32(64 + 4 * i)),
+            Scheme::D32x2 => (f32(4 * i), f32(64 + 4 * i), 0.0),
+        };
+        Decoded {
+            u: values(g, format.bits(), b, i),
+            d0,
+            d1,
+            m,
+        }
+    }
+
+    /// # Safety
+    /// `g` must point at a group of `nb` blocks of `format`.
+    pub(super) unsafe fn group_dot(
+        format: QFormat,
+        g: Group,
+        nb: usize,
+        a: &[&[Act]],
+        out: &mut [[f32; ROWS]],
+    ) {
+        let rows: Vec<Vec<Decoded>> = (0..ROWS)
+            .map(|i| (0..nb).map(|b| decoded(format, g, b, i)).collect())
+            .collect();
+        for (ac, o) in a.iter().zip(out.iter_mut()) {
+            for (row, v) in rows.iter().zip(o.iter_mut()) {
+                *v = dot_ref(format, row, ac);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// Scales of one block for 16 rows: (d0, d1, m) as f32.
+    macro_rules! scales {
+        ($scheme:expr, $s:expr, $cvt:ident, $load:ident, $lo:expr) => {{
+            let s = $s;
+            match $scheme {
+                Scheme::D16 => {
+                    let d = $cvt(s, 0);
+                    (d, d, $lo)
+                }
+                Scheme::D16M16 => {
+                    let d = $cvt(s, 0);
+                    (d, d, $cvt(s, 32))
+                }
+                Scheme::D32M32 => {
+                    let d = $load(s, 0);
+                    (d, d, $load(s, 64))
+                }
+                Scheme::D32x2 => ($load(s, 0), $load(s, 64), $lo),
+            }
+        }};
+    }
+
+    // ---- AVX-512 VNNI: 16 rows per register ----
+
+    #[inline(always)]
+    unsafe fn cvt16(s: *const u8, at: usize) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(s.add(at) as *const __m256i))
+    }
+    #[inline(always)]
+    unsafe fn load16(s: *const u8, at: usize) -> __m512 {
+        _mm512_loadu_ps(s.add(at) as *const f32)
+    }
+
+    /// The 8 value registers (unsigned bytes, four elements of each row per 32-bit lane)
+    /// of block `b`.
+    #[inline(always)]
+    unsafe fn values512<const BITS: u32>(g: Group, b: usize) -> [__m512i; 8] {
+        let mut w = [_mm512_setzero_si512(); 8];
+        let v = g.vals.add(b * value_bytes(BITS));
+        if BITS == 8 {
+            for (p, wp) in w.iter_mut().enumerate() {
+                *wp = _mm512_load_si512(v.add(64 * p) as *const _);
+            }
+            return w;
+        }
+        let low = _mm512_set1_epi8(0x0f);
+        for p in 0..4 {
+            let x = _mm512_load_si512(v.add(64 * p) as *const _);
+            w[p] = _mm512_and_si512(x, low);
+            w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+        }
+        let e = g.bits.add(b * extra_bytes(BITS)) as *const u64;
+        for x in 0..(BITS as usize - 4) {
+            let add = _mm512_set1_epi8(16 << x);
+            for (p, wp) in w.iter_mut().enumerate() {
+                let k: __mmask64 = std::ptr::read(e.add(8 * x + p));
+                *wp = _mm512_mask_add_epi8(*wp, k, *wp, add);
+            }
+        }
+        w
+    }
+
+    /// Eight zmm registers added as llama.cpp's `hsum8` adds the lanes of one.
+    #[inline(always)]
+    unsafe fn tree512(l: &[__m512; 8]) -> __m512 {
+        let r = [
+            _mm512_add_ps(l[0], l[4]),
+            _mm512_add_ps(l[1], l[5]),
+            _mm512_add_ps(l[2], l[6]),
+            _mm512_add_ps(l[3], l[7]),
+        ];
+        _mm512_add_ps(_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3]))
+    }
+
+    /// Lanes arithmetic: eight accumulators per activation row.
+    #[inline(always)]
+    unsafe fn lanes512<const BITS: u32, const C: usize>(
+        scheme: Scheme,
+        g: Group,
+        nb: usize,
+        a: [&[Act]; C],
+        out: &mut [[f32; ROWS]],
+    ) {
+        let zero = _mm512_setzero_ps();
+        let mut acc = [[zero; 8]; C];
+        let mut mins = [zero; C];
+        for b in 0..nb {
+            let w = values512::<BITS>(g, b);
+            let (d, _, m) = scales!(
+                scheme,
+                g.scales.add(b * scheme.bytes()),
+                cvt16,
+                load16,
+                zero
+            );
+            for c in 0..C {
+                let ab = a[c].get_unchecked(b);
+                let q = ab.qs.as_ptr() as *const i32;
+                if scheme.has_min() {
+                    mins[c] = _mm512_add_ps(mins[c], _mm512_mul_ps(m, _mm512_set1_ps(ab.s)));
+                }
+                let dv = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
+                for k in 0..8 {
+                    let s = _mm512_dpbusd_epi32(
+                        _mm512_set1_epi32(ab.neg[k]),
+                        w[k],
+                        _mm512_set1_epi32(std::ptr::read_unaligned(q.add(k))),
+                    );
+                    acc[c][k] = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(s), acc[c][k]);
+                }
+            }
+        }
+        for c in 0..C {
+            let mut r = tree512(&acc[c]);
+            if scheme.has_min() {
+                r = _mm512_add_ps(r, mins[c]);
+            }
+            _mm512_storeu_ps(out[c].as_mut_ptr(), r);
+        }
+    }
+
+    /// Halves arithmetic: one accumulator per activation row.
+    #[inline(always)]
+    unsafe fn halves512<const BITS: u32, const C: usize>(
+        scheme: Scheme,
+        g: Group,
+        nb: usize,
+        a: [&[Act]; C],
+        out: &mut [[f32; ROWS]],
+    ) {
+        let zero = _mm512_setzero_ps();
+        let mut acc = [zero; C];
+        let mut mins = [zero; C];
+        for b in 0..nb {
+            let w = values512::<BITS>(g, b);
+            let (d0, d1, m) = scales!(
+                scheme,
+                g.scales.add(b * scheme.bytes()),
+                cvt16,
+                load16,
+                zero
+            );
+            for c in 0..C {
+                let ab = a[c].get_unchecked(b);
+                let q = ab.qs.as_ptr() as *const i32;
+                if scheme.has_min() {
+                    mins[c] = _mm512_add_ps(mins[c], _mm512_mul_ps(m, _mm512_set1_ps(ab.s)));
+                }
+                let mut lo = _mm512_set1_epi32(ab.neg_lo);
+                let mut hi = _mm512_set1_epi32(ab.neg_hi);
+                for p in 0..4 {
+                    let (al, ah) = (
+                        std::ptr::read_unaligned(q.add(p)),
+                        std::ptr::read_unaligned(q.add(p + 4)),
+                    );
+                    lo = _mm512_dpbusd_epi32(lo, w[p], _mm512_set1_epi32(al));
+                    hi = _mm512_dpbusd_epi32(hi, w[p + 4], _mm512_set1_epi32(ah));
+                }
+                let da = _mm512_set1_ps(ab.d);
+                if scheme == Scheme::D32x2 {
+                    acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d0, da), _mm512_cvtepi32_ps(lo), acc[c]);
+                    acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d1, da), _mm512_cvtepi32_ps(hi), acc[c]);
+                } else {
+                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+                    acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d0, da), sum, acc[c]);
+                }
+            }
+        }
+        for c in 0..C {
+            let r = if scheme.has_min() {
+                _mm512_add_ps(acc[c], mins[c])
+            } else {
+                acc[c]
+            };
+            _mm512_storeu_ps(out[c].as_mut_ptr(), r);
+        }
+    }
+
+    /// Calls `$lanes` (at most 2 activation rows a call: 16 accumulators) or `$halves`
+    /// (at most 4) for the format's bit width and arithmetic.
+    macro_rules! dispatch {
+        ($lanes:ident, $halves:ident, $format:expr, $g:expr, $nb:expr, $a:expr, $out:expr) => {{
+            let (format, g, nb, a, out) = ($format, $g, $nb, $a, $out);
+            let scheme = format.scheme();
+            macro_rules! bits {
+                ($f:ident, $c:literal, $cols:expr, $o:expr) => {{
+                    let cols: [&[Act]; $c] = $cols;
+                    match format.bits() {
+                        4 => $f::<4, $c>(scheme, g, nb, cols, $o),
+                        5 => $f::<5, $c>(scheme, g, nb, cols, $o),
+                        6 => $f::<6, $c>(scheme, g, nb, cols, $o),
+                        _ => $f::<8, $c>(scheme, g, nb, cols, $o),
+                    }
+                }};
+            }
+            if format.lanes() {
+                for (a, out) in a.chunks(2).zip(out.chunks_mut(2)) {
+                    match a.len() {
+                        1 => bits!($lanes, 1, [a[0]], out),
+                        _ => bits!($lanes, 2, [a[0], a[1]], out),
+                    }
+                }
+            } else {
+                match a.len() {
+                    1 => bits!($halves, 1, [a[0]], out),
+                    2 => bits!($halves, 2, [a[0], a[1]], out),
+                    3 => bits!($halves, 3, [a[0], a[1], a[2]], out),
+                    _ => bits!($halves, 4, [a[0], a[1], a[2], a[3]], out),
+                }
+            }
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dispatch_512(
+        format: QFormat,
+        g: Group,
+        nb: usize,
+        a: &[&[Act]],
+        out: &mut [[f32; ROWS]],
+    ) {
+        dispatch!(lanes512, halves512, format, g, nb, a, out)
+    }
+
+    // ---- AVX2: the same group as two halves of 8 rows ----
+
+    #[inline(always)]
+    unsafe fn cvt8(s: *const u8, at: usize) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(s.add(at) as *const __m128i))
+    }
+    #[inline(always)]
+    unsafe fn load8(s: *const u8, at: usize) -> __m256 {
+        _mm256_loadu_ps(s.add(at) as *const f32)
+    }
+
+    /// Bits `4r + i` of a 32-bit mask (rows r of this half) as bytes 0 or `value`.
+    #[inline(always)]
+    unsafe fn expand(mask: u32, value: i8) -> __m256i {
+        let v = _mm256_set1_epi32(mask as i32);
+        let pick = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, pick), bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(value))
+    }
+
+    #[inline(always)]
+    unsafe fn values256<const BITS: u32>(g: Group, b: usize, h: usize) -> [__m256i; 8] {
+        let mut w = [_mm256_setzero_si256(); 8];
+        let v = g.vals.add(b * value_bytes(BITS) + 32 * h);
+        if BITS == 8 {
+            for (p, wp) in w.iter_mut().enumerate() {
+                *wp = _mm256_load_si256(v.add(64 * p) as *const _);
+            }
+            return w;
+        }
+        let low = _mm256_set1_epi8(0x0f);
+        for p in 0..4 {
+            let x = _mm256_load_si256(v.add(64 * p) as *const _);
+            w[p] = _mm256_and_si256(x, low);
+            w[p + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+        }
+        let e = g.bits.add(b * extra_bytes(BITS)) as *const u32;
+        for x in 0..(BITS as usize - 4) {
+            for (p, wp) in w.iter_mut().enumerate() {
+                let k = std::ptr::read(e.add(2 * (8 * x + p) + h));
+                *wp = _mm256_or_si256(*wp, expand(k, 16 << x));
+            }
+        }
+        w
+    }
+
+    /// Σ (w·a) over groups of four bytes: for values < 64 straight (`maddubs` cannot
+    /// saturate), for 8-bit values (offset by 128) with the sign trick on the signed value.
+    #[inline(always)]
+    unsafe fn products<const BITS: u32>(w: __m256i, a: __m256i) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        if BITS == 8 {
+            let s = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(s, s), _mm256_sign_epi8(a, s));
+            _mm256_madd_epi16(p, ones)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones)
+        }
+    }
+
+    /// This half's scales (rows 8h..8h+8): (d0, d1, m).
+    #[inline(always)]
+    unsafe fn scales256(scheme: Scheme, s: *const u8, h: usize) -> (__m256, __m256, __m256) {
+        let zero = _mm256_setzero_ps();
+        match scheme {
+            Scheme::D16 => {
+                let d = cvt8(s, 16 * h);
+                (d, d, zero)
+            }
+            Scheme::D16M16 => {
+                let d = cvt8(s, 16 * h);
+                (d, d, cvt8(s, 32 + 16 * h))
+            }
+            Scheme::D32M32 => {
+                let d = load8(s, 32 * h);
+                (d, d, load8(s, 64 + 32 * h))
+            }
+            Scheme::D32x2 => (load8(s, 32 * h), load8(s, 64 + 32 * h), zero),
+        }
+    }
+
+    /// One lane's integer sum for 8 rows: `Σ (u − bias)·a` over four elements.
+    #[inline(always)]
+    unsafe fn lane_sum<const BITS: u32>(w: __m256i, q: i32, neg: i32) -> __m256i {
+        let p = products::<BITS>(w, _mm256_set1_epi32(q));
+        // 8-bit values are summed signed: no correction.
+        if BITS == 8 {
+            p
+        } else {
+            _mm256_add_epi32(p, _mm256_set1_epi32(neg))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn lanes256<const BITS: u32, const C: usize>(
+        scheme: Scheme,
+        g: Group,
+        nb: usize,
+        a: [&[Act]; C],
+        out: &mut [[f32; ROWS]],
+    ) {
+        for h in 0..2 {
+            let zero = _mm256_setzero_ps();
+            let mut acc = [[zero; 8]; C];
+            let mut mins = [zero; C];
+            for b in 0..nb {
+                let w = values256::<BITS>(g, b, h);
+                let (d, _, m) = scales256(scheme, g.scales.add(b * scheme.bytes()), h);
+                for c in 0..C {
+                    let ab = a[c].get_unchecked(b);
+                    let q = ab.qs.as_ptr() as *const i32;
+                    if scheme.has_min() {
+                        mins[c] = _mm256_add_ps(mins[c], _mm256_mul_ps(m, _mm256_set1_ps(ab.s)));
+                    }
+                    let dv = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                    for k in 0..8 {
+                        let s =
+                            lane_sum::<BITS>(w[k], std::ptr::read_unaligned(q.add(k)), ab.neg[k]);
+                        acc[c][k] = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(s), acc[c][k]);
+                    }
+                }
+            }
+            for c in 0..C {
+                let l = &acc[c];
+                let r = [
+                    _mm256_add_ps(l[0], l[4]),
+                    _mm256_add_ps(l[1], l[5]),
+                    _mm256_add_ps(l[2], l[6]),
+                    _mm256_add_ps(l[3], l[7]),
+                ];
+                let mut t = _mm256_add_ps(_mm256_add_ps(r[0], r[2]), _mm256_add_ps(r[1], r[3]));
+                if scheme.has_min() {
+                    t = _mm256_add_ps(t, mins[c]);
+                }
+                _mm256_storeu_ps(out[c].as_mut_ptr().add(8 * h), t);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn halves256<const BITS: u32, const C: usize>(
+        scheme: Scheme,
+        g: Group,
+        nb: usize,
+        a: [&[Act]; C],
+        out: &mut [[f32; ROWS]],
+    ) {
+        for h in 0..2 {
+            let zero = _mm256_setzero_ps();
+            let mut acc = [zero; C];
+            let mut mins = [zero; C];
+            for b in 0..nb {
+                let w = values256::<BITS>(g, b, h);
+                let (d0, d1, m) = scales256(scheme, g.scales.add(b * scheme.bytes()), h);
+                for c in 0..C {
+                    let ab = a[c].get_unchecked(b);
+                    let q = ab.qs.as_ptr() as *const i32;
+                    if scheme.has_min() {
+                        mins[c] = _mm256_add_ps(mins[c], _mm256_mul_ps(m, _mm256_set1_ps(ab.s)));
+                    }
+                    let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for p in 0..4 {
+                        let (al, ah) = (
+                            std::ptr::read_unaligned(q.add(p)),
+                            std::ptr::read_unaligned(q.add(p + 4)),
+                        );
+                        lo = _mm256_add_epi32(lo, lane_sum::<BITS>(w[p], al, ab.neg[p]));
+                        hi = _mm256_add_epi32(hi, lane_sum::<BITS>(w[p + 4], ah, ab.neg[p + 4]));
+                    }
+                    let da = _mm256_set1_ps(ab.d);
+                    if scheme == Scheme::D32x2 {
+                        acc[c] =
+                            _mm256_fmadd_ps(_mm256_mul_ps(d0, da), _mm256_cvtepi32_ps(lo), acc[c]);
+                        acc[c] =
+                            _mm256_fmadd_ps(_mm256_mul_ps(d1, da), _mm256_cvtepi32_ps(hi), acc[c]);
+                    } else {
+                        let sum = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+                        acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(d0, da), sum, acc[c]);
+                    }
+                }
+            }
+            for c in 0..C {
+                let r = if scheme.has_min() {
+                    _mm256_add_ps(acc[c], mins[c])
+                } else {
+                    acc[c]
+                };
+                _mm256_storeu_ps(out[c].as_mut_ptr().add(8 * h), r);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dispatch_avx2(
+        format: QFormat,
+        g: Group,
+        nb: usize,
+        a: &[&[Act]],
+        out: &mut [[f32; ROWS]],
+    ) {
+        dispatch!(lanes256, halves256, format, g, nb, a, out)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::formats::QFormat::*;
+
+    pub(crate) const FORMATS: [QFormat; 8] = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K];
+
+    pub(crate) fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    fn f16_bytes(v: f32) -> [u8; 2] {
+        half::f16::from_f32(v).to_bits().to_le_bytes()
+    }
+
+    /// Random file blocks of `format` with finite, plausible scales.
+    pub(crate) fn random_blocks(
+        format: QFormat,
+        count: usize,
+        next: &mut impl FnMut() -> u64,
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(count * format.block_bytes());
+        for _ in 0..count {
+            let mut b: Vec<u8> = (0..format.block_bytes()).map(|_| next() as u8).collect();
+            let scale = (next() % 1000 + 1) as f32 / 1e4;
+            let min = -((next() % 1000) as f32) / 1e3;
+            match format {
+                Q4_0 | Q5_0 | Q8_0 => b[0..2].copy_from_slice(&f16_bytes(scale)),
+                Q4_1 | Q5_1 | Q4K | Q5K => {
+                    b[0..2].copy_from_slice(&f16_bytes(scale));
+                    b[2..4].copy_from_slice(&f16_bytes(min.abs() / 10.0));
+                }
+                Q6K => b[208..210].copy_from_slice(&f16_bytes(scale / 10.0)),
+            }
+            out.extend(b);
+        }
+        out
+    }
+
+    pub(crate) fn random_acts(m: usize, k: usize, next: &mut impl FnMut() -> u64) -> Vec<f32> {
+        (0..m * k)
+            .map(|_| (next() % 20001) as f32 / 1000.0 - 10.0)
+            .collect()
+    }
+
+    fn decoded_rows(format: QFormat, bytes: &[u8], n: usize, k: usize) -> Vec<Vec<Decoded>> {
+        let per_row = k / format.block_elems() * format.block_bytes();
+        let sub = format.block_elems() / QK;
+        (0..n)
+            .map(|r| {
+                let mut row = vec![Decoded::default(); k / QK];
+                for (fb, o) in bytes[r * per_row..(r + 1) * per_row]
+                    .chunks_exact(format.block_bytes())
+                    .zip(row.chunks_exact_mut(sub))
+                {
+                    decode(format, fb, o);
+                }
+                row
+            })
+            .collect()
+    }
+
+    /// The paths this CPU can run.
+    fn isas() -> Vec<&'static str> {
+        let mut v = vec!["dispatch", "scalar"];
+        if crate::has_avx2() {
+            v.push("avx2");
+        }
+        if crate::has_avx512_vnni() {
+            v.push("avx512");
+        }
+        v
+    }
+
+    fn run(isa: &str, p: &Packed, g: usize, a: &[&[Act]], out: &mut [[f32; ROWS]]) {
+        let grp = p.group(g);
+        match isa {
+            "dispatch" => p.group_dot(g, a, out),
+            "scalar" => unsafe { scalar::group_dot(p.format, grp, p.nb, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            "avx2" => unsafe { x86::dispatch_avx2(p.format, grp, p.nb, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            "avx512" => unsafe { x86::dispatch_512(p.format, grp, p.nb, a, out) },
+            other => unreachable!("{other}"),
+        }
+    }
+
+    #[test]
+    fn every_path_equals_the_reference_bit_for_bit() {
+        let mut next = rng(11);
+        for format in FORMATS {
+            let be = format.block_elems();
+            // Row counts around the group size; one to three file blocks per row.
+            for (n, fblocks) in [(1, 1), (15, 2), (16, 1), (17, 3), (40, 2)] {
+                let k = fblocks * be;
+                let bytes = random_blocks(format, n * fblocks, &mut next);
+                let p = Packed::from_gguf(format, &bytes, n, k);
+                let rows = decoded_rows(format, &bytes, n, k);
+                let x = random_acts(COLS, k, &mut next);
+                let acts: Vec<Vec<Act>> = x
+                    .chunks_exact(k)
+                    .map(|row| {
+                        let mut a = vec![Act::default(); k / QK];
+                        quantize_acts(row, format.bias(), &mut a);
+                        a
+                    })
+                    .collect();
+                for (r, row) in rows.iter().enumerate() {
+                    for (b, blk) in row.iter().enumerate() {
+                        assert_eq!(p.decoded(r, b), *blk, "{format:?} unpack r {r} b {b}");
+                    }
+                }
+                for isa in isas() {
+                    for cols in 1..=COLS {
+                        let a: Vec<&[Act]> = acts[..cols].iter().map(|v| &v[..]).collect();
+                        for g in 0..p.groups() {
+                            let mut out = [[f32::NAN; ROWS]; COLS];
+                            run(isa, &p, g, &a, &mut out);
+                            for i in 0..ROWS.min(n - g * ROWS) {
+                                for c in 0..cols {
+                                    let want = dot_ref(format, &rows[g * ROWS + i], a[c]);
+                                    assert_eq!(
+                                        out[c][i].to_bits(),
+                                        want.to_bits(),
+                                        "{format:?} {isa} n {n} k {k} cols {cols} row {} col {c}",
+                                        g * ROWS + i
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Extreme values: all-zero and all-maximum bytes against ±127/-128 activations
+    /// (the 8-bit sign trick's corner, and no saturation in the AVX2 products).
+    #[test]
+    fn extreme_values_agree() {
+        for format in FORMATS {
+            let k = format.block_elems();
+            for fill in [0x00u8, 0xff, 0x80, 0x7f] {
+                let mut bytes = random_blocks(format, 16, &mut rng(3));
+                // Keep the scales random, saturate everything else.
+                for blk in bytes.chunks_exact_mut(format.block_bytes()) {
+                    let keep: std::ops::Range<usize> = match format {
+                        Q4_0 | Q5_0 | Q8_0 => 0..2,
+                        Q4_1 | Q5_1 | Q4K | Q5K => 0..4,
+                        Q6K => 208..210,
+                    };
+                    for (j, v) in blk.iter_mut().enumerate() {
+                        let scales = matches!(format, Q4K | Q5K) && (4..16).contains(&j)
+                            || format == Q6K && (192..208).contains(&j);
+                        if !keep.contains(&j) && !scales {
+                            *v = fill;
+                        }
+                    }
+                }
+                let p = Packed::from_gguf(format, &bytes, 16, k);
+                let rows = decoded_rows(format, &bytes, 16, k);
+                for av in [127.0f32, -128.0 / 127.0 * 10.0, 10.0] {
+                    let x = vec![av; k];
+                    let mut a = vec![Act::default(); k / QK];
+                    quantize_acts(&x, format.bias(), &mut a);
+                    for isa in isas() {
+                        let mut out = [[0f32; ROWS]; COLS];
+                        run(isa, &p, 0, &[&a], &mut out);
+                        for (i, row) in rows.iter().enumerate() {
+                            assert_eq!(
+                                out[0][i].to_bits(),
+                                dot_ref(format, row, &a).to_bits(),
+                                "{format:?} {isa} fill {fill:#x} act {av}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
