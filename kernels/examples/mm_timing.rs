@@ -1,26 +1,53 @@
-//! Times 1536x576 Q4_1 matmuls (the FFN shape of the default model) against 1, 4, 16 and
-//! 64 activation rows: `RAYON_NUM_THREADS=1 cargo run --release -p hearth-kernels --example
-//! mm_timing`.
+//! Times the quantized matmul on the default model's shapes, for 1, 2, 4 and 16
+//! activation rows, and prints weight bytes streamed per second: `RAYON_NUM_THREADS=1
+//! cargo run --release -p hearth-kernels --example mm_timing`. A quick look while working
+//! on a kernel; `cargo bench --bench kernels` is the measurement.
 use hearth_kernels::matmul::{QFormat, QMatrix};
+
 fn main() {
-    let (n, k) = (1536usize, 576usize);
-    let bytes: Vec<u8> = (0..n * (k / 32) * 20)
-        .map(|i| (i * 7 % 251) as u8 & 0x3f)
-        .collect();
-    let w = QMatrix::from_bytes(QFormat::Q4_1, &bytes, n, k).unwrap();
-    for m in [1usize, 4, 16, 64] {
-        let x: Vec<f32> = (0..m * k).map(|i| (i as f32).sin()).collect();
-        let mut out = vec![0f32; m * n];
-        let reps = 4000 / m.max(1) + 50;
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            w.matmul(&x, &mut out);
+    // On a pool worker, as the engine calls it: a parallel loop started from outside the
+    // pool would time thread wake-ups.
+    rayon::scope(|_| run());
+}
+
+fn run() {
+    let shapes = [
+        ("qkv", QFormat::Q4_1, 960usize, 576usize),
+        ("gate_up", QFormat::Q4_1, 3072, 576),
+        ("down", QFormat::Q4_1, 576, 1536),
+        ("output", QFormat::Q8_0, 49152, 576),
+        ("q4_k", QFormat::Q4K, 3072, 768),
+        ("q6_k", QFormat::Q6K, 3072, 768),
+    ];
+    for (name, format, n, k) in shapes {
+        let per_row = k / format.block_elems() * format.block_bytes();
+        let bytes: Vec<u8> = (0..n * per_row)
+            .map(|i| {
+                // Scales (every block's first bytes) small and finite; the rest anything.
+                let at = i % format.block_bytes();
+                if at < 4 || (format == QFormat::Q6K && at >= 208) {
+                    0x10
+                } else {
+                    (i * 7 % 251) as u8
+                }
+            })
+            .collect();
+        let w = QMatrix::from_bytes(format, &bytes, n, k).unwrap();
+        for m in [1usize, 2, 4, 16] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32).sin()).collect();
+            let mut out = vec![0f32; m * n];
+            let reps = (2e9 / (n * k * m) as f64) as usize + 5;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                w.matmul(&x, &mut out);
+            }
+            let dt = t.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "{name:8} {format:?} {n}x{k} m={m:2}: {:7.1} us  {:5.1} GB/s  {:6.1} GMAC/s",
+                dt * 1e6,
+                bytes.len() as f64 / dt / 1e9,
+                (m * n * k) as f64 / dt / 1e9,
+            );
         }
-        let dt = t.elapsed().as_secs_f64();
-        println!(
-            "m={m:3}: {:.2} GMAC/s, {:.1} us per call",
-            (m * n * k * reps) as f64 / dt / 1e9,
-            dt / reps as f64 * 1e6,
-        );
     }
 }
