@@ -13,10 +13,9 @@
 //! gathered into one scratch row before each dot.
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::math::{expf, reduce16};
+use crate::math::{expf, reduce16, widen_f16};
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -50,7 +49,7 @@ impl KvCells<'_> {
     #[inline]
     fn widen_into(&self, at: usize, dst: &mut [f32]) {
         match self {
-            KvCells::F16(c) => c[at..at + dst.len()].convert_to_f32_slice(dst),
+            KvCells::F16(c) => widen_f16(&c[at..at + dst.len()], dst),
             KvCells::F32(c) => dst.copy_from_slice(&c[at..at + dst.len()]),
         }
     }
@@ -195,7 +194,8 @@ multiversion! {
 }
 
 /// `q`: `seq` rows of `heads * head_dim` (already rotated), for positions `pos..pos+seq`.
-/// `kv`'s blocks hold at least `pos + seq` cells. Writes `out` like `q`.
+/// `kv`'s blocks hold at least `pos + seq` cells. Writes `out` like `q`. Spread over the
+/// pool by (row, head).
 pub fn attend(
     q: &[f32],
     seq: usize,
@@ -204,6 +204,46 @@ pub fn attend(
     s: AttentionShape,
     scale: f32,
     out: &mut [f32],
+) {
+    attend_with(q, seq, pos, kv, s, scale, out, true);
+}
+
+/// One sequence's part of a batched attention step: its query rows (already rotated)
+/// for positions `pos..pos + seq`, its view of the layer's cache, its output rows.
+pub struct AttendCall<'a> {
+    pub q: &'a [f32],
+    pub seq: usize,
+    pub pos: usize,
+    pub kv: KvView<'a>,
+    pub out: &'a mut [f32],
+}
+
+/// The attention of every sequence of a batch. Calls of several query rows (prompts) run
+/// one after another, each spread over the pool; single-row calls (decode steps) run one
+/// per task in one parallel loop, so a step of many short calls forks the pool once
+/// instead of three times per sequence. Each call's results are those of [`attend`].
+pub fn attend_batch(calls: &mut [AttendCall<'_>], s: AttentionShape, scale: f32) {
+    let singles = calls.iter().filter(|c| c.seq == 1).count();
+    for c in calls.iter_mut().filter(|c| c.seq > 1 || singles == 1) {
+        attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, true);
+    }
+    if singles > 1 {
+        calls.par_iter_mut().filter(|c| c.seq == 1).for_each(|c| {
+            attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, false);
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_with(
+    q: &[f32],
+    seq: usize,
+    pos: usize,
+    kv: KvView<'_>,
+    s: AttentionShape,
+    scale: f32,
+    out: &mut [f32],
+    parallel: bool,
 ) {
     let hd = s.head_dim;
     let n_rep = s.heads / s.kv_heads;
@@ -232,32 +272,40 @@ pub fn attend(
         };
         kf.resize(s.kv_heads * total * hd, 0.0);
         vf.resize(s.kv_heads * hd * padded, 0.0);
-        widen(kv, s, total, padded, kf, vf);
+        widen(kv, s, total, padded, kf, vf, parallel);
         let (kf, vf) = (&kf[..], &vf[..]);
-        out.par_chunks_mut(hd).enumerate().for_each_init(
-            || Scratch {
-                q: vec![0f32; hd],
-                w: vec![0f32; padded],
-                p: vec![0f32; padded],
-            },
-            |scratch, (idx, o)| {
-                let (t, h) = (idx / s.heads, idx % s.heads);
-                let g = h / n_rep;
-                let task = HeadTask {
-                    k: &kf[g * total * hd..(g + 1) * total * hd],
-                    v: &vf[g * hd * padded..(g + 1) * hd * padded],
-                    stride: padded,
-                    shape: s,
-                    scale,
-                    round: matches!(kv.k, KvCells::F16(_)),
-                    first: s.window.map_or(0, |w| (pos + t + 1).saturating_sub(w)),
-                    visible: pos + t + 1,
-                    tiled_scores,
-                    tiled_values,
-                };
-                attend_head(task, &q[idx * hd..(idx + 1) * hd], scratch, o);
-            },
-        );
+        let scratch = || Scratch {
+            q: vec![0f32; hd],
+            w: vec![0f32; padded],
+            p: vec![0f32; padded],
+        };
+        let head = |scratch: &mut Scratch, (idx, o): (usize, &mut [f32])| {
+            let (t, h) = (idx / s.heads, idx % s.heads);
+            let g = h / n_rep;
+            let task = HeadTask {
+                k: &kf[g * total * hd..(g + 1) * total * hd],
+                v: &vf[g * hd * padded..(g + 1) * hd * padded],
+                stride: padded,
+                shape: s,
+                scale,
+                round: matches!(kv.k, KvCells::F16(_)),
+                first: s.window.map_or(0, |w| (pos + t + 1).saturating_sub(w)),
+                visible: pos + t + 1,
+                tiled_scores,
+                tiled_values,
+            };
+            attend_head(task, &q[idx * hd..(idx + 1) * hd], scratch, o);
+        };
+        if parallel {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each_init(scratch, head);
+        } else {
+            let mut sc = scratch();
+            out.chunks_mut(hd)
+                .enumerate()
+                .for_each(|item| head(&mut sc, item));
+        }
     });
 }
 
@@ -277,26 +325,32 @@ fn widen(
     padded: usize,
     kf: &mut [f32],
     vf: &mut [f32],
+    parallel: bool,
 ) {
     let hd = s.head_dim;
     let width = s.kv_heads * hd;
     let bs = kv.block_size;
-    kf.par_chunks_mut(total * hd)
-        .enumerate()
-        .for_each(|(g, kg)| {
-            for (j, dst) in kg.chunks_exact_mut(hd).enumerate() {
-                let cell = kv.blocks[j / bs] as usize * bs + j % bs;
-                kv.k.widen_into(cell * width + g * hd, dst);
-            }
-        });
-    vf.par_chunks_mut(padded).enumerate().for_each(|(r, row)| {
+    let keys = |(g, kg): (usize, &mut [f32])| {
+        for (j, dst) in kg.chunks_exact_mut(hd).enumerate() {
+            let cell = kv.blocks[j / bs] as usize * bs + j % bs;
+            kv.k.widen_into(cell * width + g * hd, dst);
+        }
+    };
+    let values = |(r, row): (usize, &mut [f32])| {
         // r = kv_head * hd + d: the row index inside each block's [width][bs] values.
         for (bi, dst) in row[..total].chunks_mut(bs).enumerate() {
             let b = kv.blocks[bi] as usize;
             kv.v.widen_into((b * width + r) * bs, dst);
         }
         row[total..].fill(0.0);
-    });
+    };
+    if parallel {
+        kf.par_chunks_mut(total * hd).enumerate().for_each(keys);
+        vf.par_chunks_mut(padded).enumerate().for_each(values);
+    } else {
+        kf.chunks_mut(total * hd).enumerate().for_each(keys);
+        vf.chunks_mut(padded).enumerate().for_each(values);
+    }
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ impl QMatrix {
                         let i = c0 + c.min(cols - 1);
                         &acts[i * nb..(i + 1) * nb]
                     });
-                    self.packed.group_dot(g, &a[..cols], &mut tile);
+                    self.packed.group_dot(g, &a[..cols], &mut tile, c0 == 0);
                     for (c, t) in tile[..cols].iter().enumerate() {
                         // SAFETY: c0 + c < m and g·16 + rows <= n, so the range lies in
                         // `out`; row range g·16.. belongs to this task alone.

@@ -88,9 +88,11 @@ struct Group {
     bits: *const u8,
     scales: *const u8,
     /// The next group's bytes (`stride` of them; possibly past the matrix: only
-    /// prefetched, never read).
+    /// prefetched, never read), and how many of its 64-byte lines to ask for per block
+    /// (0: none).
     next: *const u8,
     stride: usize,
+    prefetch: usize,
 }
 
 impl Packed {
@@ -240,6 +242,7 @@ impl Packed {
                 scales: base.add(v + e),
                 next: base.wrapping_add(self.stride),
                 stride: self.stride,
+                prefetch: (self.stride / 64).div_ceil(self.nb),
             }
         }
     }
@@ -252,14 +255,18 @@ impl Packed {
     }
 
     /// `out[c][i]` = dot(row `16g + i`, activation row `c`) for the activation rows `a`
-    /// (1 to [`COLS`] of them, `nb` blocks each).
-    pub fn group_dot(&self, g: usize, a: &[&[Act]], out: &mut [[f32; ROWS]]) {
+    /// (1 to [`COLS`] of them, `nb` blocks each). With `prefetch`, the next group's bytes
+    /// are requested meanwhile (once per group is enough: pass it for the first call).
+    pub fn group_dot(&self, g: usize, a: &[&[Act]], out: &mut [[f32; ROWS]], prefetch: bool) {
         assert!(g < self.groups() && (1..=COLS).contains(&a.len()) && out.len() >= a.len());
         assert!(
             a.iter().all(|r| r.len() == self.nb),
             "activation rows of nb blocks"
         );
-        let grp = self.group(g);
+        let mut grp = self.group(g);
+        if !prefetch {
+            grp.prefetch = 0;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if crate::has_avx512_vnni() {
@@ -433,12 +440,11 @@ mod x86 {
     /// while this one computes (the hardware prefetcher alone left half the memory
     /// bandwidth unused on these short streams).
     #[inline(always)]
-    unsafe fn prefetch_next(g: Group, b: usize, nb: usize) {
-        let (from, to) = (g.stride * b / nb, g.stride * (b + 1) / nb);
-        let mut at = from & !63;
-        while at < to {
-            _mm_prefetch::<_MM_HINT_T0>(g.next.wrapping_add(at) as *const i8);
-            at += 64;
+    unsafe fn prefetch_next(g: Group, b: usize) {
+        let first = b * g.prefetch;
+        let end = (first + g.prefetch).min(g.stride / 64);
+        for line in first..end {
+            _mm_prefetch::<_MM_HINT_T0>(g.next.wrapping_add(64 * line) as *const i8);
         }
     }
 
@@ -494,7 +500,38 @@ mod x86 {
         _mm512_add_ps(_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3]))
     }
 
-    /// Lanes arithmetic: eight accumulators per activation row.
+    /// Lanes `p` and `p + 4` of block `b` (unsigned bytes, four elements of each row per
+    /// 32-bit lane): one plane unpacked at a time keeps two weight registers live.
+    #[inline(always)]
+    unsafe fn plane512<const BITS: u32>(g: Group, b: usize, p: usize) -> (__m512i, __m512i) {
+        let v = g.vals.add(b * value_bytes(BITS));
+        if BITS == 8 {
+            return (
+                _mm512_load_si512(v.add(64 * p) as *const _),
+                _mm512_load_si512(v.add(64 * (p + 4)) as *const _),
+            );
+        }
+        let low = _mm512_set1_epi8(0x0f);
+        let x = _mm512_load_si512(v.add(64 * p) as *const _);
+        let (mut lo, mut hi) = (
+            _mm512_and_si512(x, low),
+            _mm512_and_si512(_mm512_srli_epi16(x, 4), low),
+        );
+        let e = g.bits.add(b * extra_bytes(BITS)) as *const u64;
+        for x in 0..(BITS as usize - 4) {
+            let add = _mm512_set1_epi8(16 << x);
+            let (kl, kh): (__mmask64, __mmask64) = (
+                std::ptr::read(e.add(8 * x + p)),
+                std::ptr::read(e.add(8 * x + p + 4)),
+            );
+            lo = _mm512_mask_add_epi8(lo, kl, lo, add);
+            hi = _mm512_mask_add_epi8(hi, kh, hi, add);
+        }
+        (lo, hi)
+    }
+
+    /// Lanes arithmetic: eight accumulators per activation row. `BIASED`: the format has
+    /// an offset, so each lane sum starts from the activation's correction.
     #[inline(always)]
     unsafe fn lanes512<const BITS: u32, const C: usize>(
         scheme: Scheme,
@@ -506,9 +543,9 @@ mod x86 {
         let zero = _mm512_setzero_ps();
         let mut acc = [[zero; 8]; C];
         let mut mins = [zero; C];
+        let biased = !scheme.has_min();
         for b in 0..nb {
-            prefetch_next(g, b, nb);
-            let w = values512::<BITS>(g, b);
+            prefetch_next(g, b);
             let (d, _, m) = scales!(
                 scheme,
                 g.scales.add(b * scheme.bytes()),
@@ -516,20 +553,39 @@ mod x86 {
                 load16,
                 zero
             );
+            let mut dv = [zero; C];
             for c in 0..C {
                 let ab = a[c].get_unchecked(b);
-                let q = ab.qs.as_ptr() as *const i32;
                 if scheme.has_min() {
                     mins[c] = _mm512_add_ps(mins[c], _mm512_mul_ps(m, _mm512_set1_ps(ab.s)));
                 }
-                let dv = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
-                for k in 0..8 {
-                    let s = _mm512_dpbusd_epi32(
-                        _mm512_set1_epi32(ab.neg[k]),
-                        w[k],
-                        _mm512_set1_epi32(std::ptr::read_unaligned(q.add(k))),
+                dv[c] = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
+            }
+            for p in 0..4 {
+                let (wl, wh) = plane512::<BITS>(g, b, p);
+                for c in 0..C {
+                    let ab = a[c].get_unchecked(b);
+                    let q = ab.qs.as_ptr() as *const i32;
+                    let (il, ih) = if biased {
+                        (
+                            _mm512_set1_epi32(ab.neg[p]),
+                            _mm512_set1_epi32(ab.neg[p + 4]),
+                        )
+                    } else {
+                        (_mm512_setzero_si512(), _mm512_setzero_si512())
+                    };
+                    let sl = _mm512_dpbusd_epi32(
+                        il,
+                        wl,
+                        _mm512_set1_epi32(std::ptr::read_unaligned(q.add(p))),
                     );
-                    acc[c][k] = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(s), acc[c][k]);
+                    let sh = _mm512_dpbusd_epi32(
+                        ih,
+                        wh,
+                        _mm512_set1_epi32(std::ptr::read_unaligned(q.add(p + 4))),
+                    );
+                    acc[c][p] = _mm512_fmadd_ps(dv[c], _mm512_cvtepi32_ps(sl), acc[c][p]);
+                    acc[c][p + 4] = _mm512_fmadd_ps(dv[c], _mm512_cvtepi32_ps(sh), acc[c][p + 4]);
                 }
             }
         }
@@ -555,7 +611,7 @@ mod x86 {
         let mut acc = [zero; C];
         let mut mins = [zero; C];
         for b in 0..nb {
-            prefetch_next(g, b, nb);
+            prefetch_next(g, b);
             let w = values512::<BITS>(g, b);
             let (d0, d1, m) = scales!(
                 scheme,
@@ -607,29 +663,35 @@ mod x86 {
             let (format, g, nb, a, out) = ($format, $g, $nb, $a, $out);
             let scheme = format.scheme();
             macro_rules! bits {
-                ($f:ident, $c:literal, $cols:expr, $o:expr) => {{
-                    let cols: [&[Act]; $c] = $cols;
+                ($f:ident, $c:literal, $grp:expr, $cols:expr, $o:expr) => {{
+                    let (grp, cols): (Group, [&[Act]; $c]) = ($grp, $cols);
                     match format.bits() {
-                        4 => $f::<4, $c>(scheme, g, nb, cols, $o),
-                        5 => $f::<5, $c>(scheme, g, nb, cols, $o),
-                        6 => $f::<6, $c>(scheme, g, nb, cols, $o),
-                        _ => $f::<8, $c>(scheme, g, nb, cols, $o),
+                        4 => $f::<4, $c>(scheme, grp, nb, cols, $o),
+                        5 => $f::<5, $c>(scheme, grp, nb, cols, $o),
+                        6 => $f::<6, $c>(scheme, grp, nb, cols, $o),
+                        _ => $f::<8, $c>(scheme, grp, nb, cols, $o),
                     }
                 }};
             }
             if format.lanes() {
-                for (a, out) in a.chunks(2).zip(out.chunks_mut(2)) {
+                for (i, (a, out)) in a.chunks(2).zip(out.chunks_mut(2)).enumerate() {
+                    // The first call asks for the next group; the others find it there.
+                    let first = if i == 0 {
+                        g
+                    } else {
+                        Group { prefetch: 0, ..g }
+                    };
                     match a.len() {
-                        1 => bits!($lanes, 1, [a[0]], out),
-                        _ => bits!($lanes, 2, [a[0], a[1]], out),
+                        1 => bits!($lanes, 1, first, [a[0]], out),
+                        _ => bits!($lanes, 2, first, [a[0], a[1]], out),
                     }
                 }
             } else {
                 match a.len() {
-                    1 => bits!($halves, 1, [a[0]], out),
-                    2 => bits!($halves, 2, [a[0], a[1]], out),
-                    3 => bits!($halves, 3, [a[0], a[1], a[2]], out),
-                    _ => bits!($halves, 4, [a[0], a[1], a[2], a[3]], out),
+                    1 => bits!($halves, 1, g, [a[0]], out),
+                    2 => bits!($halves, 2, g, [a[0], a[1]], out),
+                    3 => bits!($halves, 3, g, [a[0], a[1], a[2]], out),
+                    _ => bits!($halves, 4, g, [a[0], a[1], a[2], a[3]], out),
                 }
             }
         }};
@@ -757,7 +819,7 @@ mod x86 {
             let mut mins = [zero; C];
             for b in 0..nb {
                 if h == 0 {
-                    prefetch_next(g, b, nb);
+                    prefetch_next(g, b);
                 }
                 let w = values256::<BITS>(g, b, h);
                 let (d, _, m) = scales256(scheme, g.scales.add(b * scheme.bytes()), h);
@@ -806,7 +868,7 @@ mod x86 {
             let mut mins = [zero; C];
             for b in 0..nb {
                 if h == 0 {
-                    prefetch_next(g, b, nb);
+                    prefetch_next(g, b);
                 }
                 let w = values256::<BITS>(g, b, h);
                 let (d0, d1, m) = scales256(scheme, g.scales.add(b * scheme.bytes()), h);
@@ -943,7 +1005,7 @@ pub(crate) mod tests {
     fn run(isa: &str, p: &Packed, g: usize, a: &[&[Act]], out: &mut [[f32; ROWS]]) {
         let grp = p.group(g);
         match isa {
-            "dispatch" => p.group_dot(g, a, out),
+            "dispatch" => p.group_dot(g, a, out, true),
             "scalar" => unsafe { scalar::group_dot(p.format, grp, p.nb, a, out) },
             #[cfg(target_arch = "x86_64")]
             "avx2" => unsafe { x86::dispatch_avx2(p.format, grp, p.nb, a, out) },

@@ -8,7 +8,16 @@ use crate::packed::Act;
 
 #[inline(always)]
 fn quantize_block(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // The largest magnitude, eight lanes at a time (a maximum is exact in any order; a
+    // NaN is skipped, as `f32::max` skips it).
+    let mut lanes = [0f32; 8];
+    for chunk in x.chunks_exact(8) {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            let a = v.abs();
+            *l = if a > *l { a } else { *l };
+        }
+    }
+    let amax = lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m });
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;

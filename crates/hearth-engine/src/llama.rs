@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
-use hearth_kernels::attention::{attend, AttentionShape, KvView};
+use hearth_kernels::attention::{attend_batch, AttendCall, AttentionShape, KvView};
 use hearth_kernels::math::{rms_norm, swiglu_in_place};
 use hearth_kernels::matmul::{QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
@@ -714,29 +714,41 @@ impl Llama {
             }
             for ((item, rope), &start) in items.iter_mut().zip(ropes).zip(&starts) {
                 let seq = item.tokens.len();
-                let pos = item.table.len();
                 let qi = &mut q[start * qw..(start + seq) * qw];
                 let ki = &mut k[start * kvw..(start + seq) * kvw];
                 rope_interleaved(qi, nh, hd, c.rope_dim, rope);
                 rope_interleaved(ki, nkv, hd, c.rope_dim, rope);
-                let shape = AttentionShape {
-                    heads: nh,
-                    kv_heads: nkv,
-                    head_dim: hd,
-                    window: c.sliding_window,
-                };
                 let vi = &v[start * kvw..(start + seq) * kvw];
                 cache.write_host(layer, item.table, ki, vi)?;
-                let (k, v) = cache.host_layer(layer)?;
-                let kv = KvView {
-                    k,
-                    v,
-                    blocks: item.table.blocks(),
-                    block_size: BLOCK_SIZE,
-                };
-                let out = &mut att[start * qw..(start + seq) * qw];
-                attend(qi, seq, pos, kv, shape, scale, out);
             }
+            let shape = AttentionShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                window: c.sliding_window,
+            };
+            let (kc, vc) = cache.host_layer(layer)?;
+            let mut calls = Vec::with_capacity(items.len());
+            let mut rest = &mut att[..];
+            for (item, &start) in items.iter().zip(&starts) {
+                let seq = item.tokens.len();
+                let (out, tail) = std::mem::take(&mut rest).split_at_mut(seq * qw);
+                rest = tail;
+                calls.push(AttendCall {
+                    q: &q[start * qw..(start + seq) * qw],
+                    seq,
+                    pos: item.table.len(),
+                    kv: KvView {
+                        k: kc,
+                        v: vc,
+                        blocks: item.table.blocks(),
+                        block_size: BLOCK_SIZE,
+                    },
+                    out,
+                });
+            }
+            attend_batch(&mut calls, shape, scale);
+            drop(calls);
             let o = b.wo.forward_host(&att, rows)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
