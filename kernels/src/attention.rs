@@ -142,6 +142,30 @@ struct HeadTask<'a> {
     tiled_values: bool,
 }
 
+/// Scores `w` (with their maximum) to probabilities `p`: ggml's `expf`, a double sum over
+/// chunks of 16, and (with an f16 cache) probabilities rounded to f16.
+#[inline(always)]
+fn softmax(w: &mut [f32], p: &mut [f32], max: f32, round: bool) {
+    let mut sum = 0f64;
+    for chunk in w.chunks_exact_mut(16) {
+        let mut lanes = [0f32; 16];
+        for (l, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *x = expf(*x - max);
+            *l = *x;
+        }
+        sum += reduce16(&lanes) as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    // The probabilities meet the values as f16 (with an f16 cache).
+    for (pj, &e) in p.iter_mut().zip(w.iter()) {
+        *pj = if round {
+            f16::from_f32(e * inv).to_f32()
+        } else {
+            e * inv
+        };
+    }
+}
+
 multiversion! {
     /// Attention of one query row of one head; `out` gets `head_dim` values.
     fn attend_head(task: HeadTask<'_>, q: &[f32], scratch: &mut Scratch, out: &mut [f32]) {
@@ -166,20 +190,7 @@ multiversion! {
             };
             max = max.max(*wj);
         }
-        let mut sum = 0f64;
-        for chunk in w.chunks_exact_mut(16) {
-            let mut lanes = [0f32; 16];
-            for (l, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
-                *x = expf(*x - max);
-                *l = *x;
-            }
-            sum += reduce16(&lanes) as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        // The probabilities meet the values as f16 (with an f16 cache).
-        for (pj, &e) in p.iter_mut().zip(w.iter()) {
-            *pj = if task.round { f16::from_f32(e * inv).to_f32() } else { e * inv };
-        }
+        softmax(w, p, max, task.round);
         // Cells past the visible ones have probability 0 (and finite values).
         let n = round_up64(task.visible);
         for (d, od) in out.iter_mut().enumerate() {
@@ -205,7 +216,7 @@ pub fn attend(
     scale: f32,
     out: &mut [f32],
 ) {
-    attend_with(q, seq, pos, kv, s, scale, out, true);
+    attend_with(q, seq, pos, kv, s, scale, out, true, true);
 }
 
 /// One sequence's part of a batched attention step: its query rows (already rotated)
@@ -225,11 +236,11 @@ pub struct AttendCall<'a> {
 pub fn attend_batch(calls: &mut [AttendCall<'_>], s: AttentionShape, scale: f32) {
     let singles = calls.iter().filter(|c| c.seq == 1).count();
     for c in calls.iter_mut().filter(|c| c.seq > 1 || singles == 1) {
-        attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, true);
+        attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, true, true);
     }
     if singles > 1 {
         calls.par_iter_mut().filter(|c| c.seq == 1).for_each(|c| {
-            attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, false);
+            attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, false, true);
         });
     }
 }
@@ -244,6 +255,7 @@ fn attend_with(
     scale: f32,
     out: &mut [f32],
     parallel: bool,
+    fast: bool,
 ) {
     let hd = s.head_dim;
     let n_rep = s.heads / s.kv_heads;
@@ -261,6 +273,46 @@ fn attend_with(
     // row and head): keys `[kv_head][cell][d]`, values `[kv_head][d][cell]` with rows of
     // `padded` cells, zero past the sequence.
     let total = pos + seq;
+    #[cfg(target_arch = "x86_64")]
+    if let (1, KvCells::F16(kc), KvCells::F16(vc), 16, true, true) = (
+        seq,
+        kv.k,
+        kv.v,
+        kv.block_size,
+        hd.is_multiple_of(64) && hd <= 128,
+        fast && crate::has_avx512_vnni(),
+    ) {
+        // One query row over an f16 cache: read the paged cells where they are.
+        let first = s.window.map_or(0, |w| total.saturating_sub(w));
+        let head = |(h, o): (usize, &mut [f32])| {
+            let mut w = vec![0f32; padded];
+            let mut p = vec![0f32; padded];
+            let g = h / n_rep;
+            // SAFETY: AVX-512 detected; the table covers `total` cells (asserted above).
+            unsafe {
+                decode512::head(
+                    &q[h * hd..(h + 1) * hd],
+                    kc,
+                    vc,
+                    kv.blocks,
+                    g * hd,
+                    s.kv_heads * hd,
+                    first,
+                    total,
+                    scale,
+                    &mut w,
+                    &mut p,
+                    o,
+                )
+            };
+        };
+        if parallel {
+            out.par_chunks_mut(hd).enumerate().for_each(head);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(head);
+        }
+        return;
+    }
     WIDE.with(|cell| {
         // A re-entrant call on this thread (a rayon worker stealing another attention
         // call) gets buffers of its own.
@@ -307,6 +359,107 @@ fn attend_with(
                 .for_each(|item| head(&mut sc, item));
         }
     });
+}
+
+/// One query row of one head over an f16 cache with 16-cell blocks, reading the cells in
+/// place: exactly the operations of [`attend_head`] on widened rows (`dot_vec`'s four
+/// accumulators of 16 lanes: one 16-cell block per accumulator in turn for the values;
+/// `reduce16`'s tree), without converting the sequence's whole cache to f32 first.
+#[cfg(target_arch = "x86_64")]
+mod decode512 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    /// `reduce16`'s order: halves of 8, then 4, then (0+2) + (1+3).
+    #[inline(always)]
+    unsafe fn reduce(v: __m512) -> f32 {
+        let t3 = _mm256_add_ps(_mm512_extractf32x8_ps(v, 1), _mm512_castps512_ps256(v));
+        let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+        let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    }
+
+    #[inline(always)]
+    unsafe fn wide(p: *const f16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+
+    /// # Safety
+    /// AVX-512F/DQ and F16C; `blocks` covers `total` cells of 16; `w`, `p` hold
+    /// `total` rounded up to 64; `q`, `out` hold a multiple of 64.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    pub(super) unsafe fn head(
+        q: &[f32],
+        k: &[f16],
+        v: &[f16],
+        blocks: &[u32],
+        offset: usize,
+        width: usize,
+        first: usize,
+        total: usize,
+        scale: f32,
+        w: &mut [f32],
+        p: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        // The query meets the keys as f16.
+        let mut qf = [_mm512_setzero_ps(); 8];
+        for (c, qc) in qf.iter_mut().enumerate().take(hd / 16) {
+            let x = _mm512_loadu_ps(q.as_ptr().add(16 * c));
+            *qc = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+        }
+        let zero = _mm512_setzero_ps();
+        let mut max = f32::NEG_INFINITY;
+        for (j, wj) in w.iter_mut().enumerate() {
+            *wj = if j >= first && j < total {
+                let cell = blocks[j / 16] as usize * 16 + j % 16;
+                let key = k.as_ptr().add(cell * width + offset);
+                let mut acc = [zero; 4];
+                for c in 0..hd / 64 {
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let x = wide(key.add(64 * c + 16 * i));
+                        *a = _mm512_fmadd_ps(x, qf[4 * c + i], *a);
+                    }
+                }
+                let f = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+                reduce(f) * scale
+            } else {
+                f32::NEG_INFINITY
+            };
+            max = max.max(*wj);
+        }
+        super::softmax(w, p, max, true);
+        let used = total.div_ceil(16);
+        let padded = w.len() / 16;
+        // Cells past `total` in the last block: zero (as the widened rows are).
+        let tail: __mmask16 = if total % 16 == 0 {
+            0xffff
+        } else {
+            (1u16 << (total % 16)) - 1
+        };
+        for (d, o) in out.iter_mut().enumerate() {
+            let mut acc = [zero; 4];
+            for bi in 0..padded {
+                let x = if bi < used {
+                    let row = (blocks[bi] as usize * width + offset + d) * 16;
+                    let m = if bi + 1 == used { tail } else { 0xffff };
+                    _mm512_maskz_cvtph_ps(
+                        m,
+                        _mm256_loadu_si256(v.as_ptr().add(row) as *const __m256i),
+                    )
+                } else {
+                    zero
+                };
+                let pv = _mm512_loadu_ps(p.as_ptr().add(16 * bi));
+                acc[bi % 4] = _mm512_fmadd_ps(x, pv, acc[bi % 4]);
+            }
+            let f = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+            *o = reduce(f);
+        }
+    }
 }
 
 thread_local! {
@@ -526,6 +679,64 @@ mod tests {
         let exact_ref = reference_with(&q, seq, pos, &k, &v, s, 0.2, false);
         for (a, b) in exact.iter().zip(&exact_ref) {
             assert!((a - b).abs() < 2e-5, "{a} vs {b}");
+        }
+    }
+
+    /// The decode path that reads f16 cells in place gives the bits of the path that
+    /// widens the cache first: head sizes 64 and 128, positions around block and 64-cell
+    /// boundaries, with and without a window, stale cells (NaN too) past the sequence.
+    #[test]
+    fn in_place_decode_equals_the_widened_path_bit_for_bit() {
+        let bs = 16;
+        for hd in [64usize, 128] {
+            for window in [None, Some(5)] {
+                let s = AttentionShape {
+                    heads: 6,
+                    kv_heads: 2,
+                    head_dim: hd,
+                    window,
+                };
+                let width = s.kv_heads * hd;
+                let pool = 12;
+                let f = |i: usize| (i * 7919 % 1000) as f32 / 500.0 - 1.0;
+                let k0: Vec<f16> = (0..pool * bs * width)
+                    .map(|i| f16::from_f32(f(i)))
+                    .collect();
+                let v0: Vec<f16> = (0..pool * bs * width)
+                    .map(|i| f16::from_f32(f(i + 5)))
+                    .collect();
+                let q: Vec<f32> = (0..s.heads * hd).map(|i| f(i + 13) * 3.0).collect();
+                for pos in [0usize, 14, 15, 16, 17, 63, 64, 65, 100] {
+                    let used = (pos + 1).div_ceil(bs);
+                    // Blocks out of order; the last block's unused cells hold stale values.
+                    let blocks: Vec<u32> = (0..used as u32).map(|b| (b * 5 + 11) % 12).collect();
+                    // Stale NaN in the cells past the sequence of the last block.
+                    let (mut kp, mut vp) = (k0.clone(), v0.clone());
+                    let last = *blocks.last().unwrap() as usize;
+                    if (pos + 1) % bs != 0 {
+                        vp[(last * width) * bs + bs - 1] = f16::NAN;
+                        kp[(last * bs + bs - 1) * width] = f16::NAN;
+                    }
+                    let kv = KvView {
+                        k: KvCells::F16(&kp),
+                        v: KvCells::F16(&vp),
+                        blocks: &blocks,
+                        block_size: bs,
+                    };
+                    let mut fast = vec![0f32; q.len()];
+                    let mut slow = vec![1f32; q.len()];
+                    attend_with(&q, 1, pos, kv, s, 0.125, &mut fast, false, true);
+                    attend_with(&q, 1, pos, kv, s, 0.125, &mut slow, true, false);
+                    for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "hd {hd} {window:?} pos {pos} [{i}]: {a} vs {b}"
+                        );
+                    }
+                    assert!(fast.iter().all(|x| x.is_finite()));
+                }
+            }
         }
     }
 }
