@@ -6,36 +6,52 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hearth_kernels::attention::{attend, AttentionShape, KvCells, KvView};
-use hearth_kernels::blocks::BlockQ8_1;
 use hearth_kernels::matmul::{QFormat, QMatrix};
-use hearth_kernels::quantize::quantize_row_q8_1;
+use hearth_kernels::packed::{quantize_acts, Act};
 
 /// Runs `f` on a worker of rayon's global pool.
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-/// A Q4_1 matrix of plausible blocks (scales ~0.01, mins ~-0.05).
-fn q4_1(n: usize, k: usize) -> QMatrix {
-    let mut bytes = Vec::with_capacity(n * k / 32 * 20);
-    for r in 0..n {
-        for b in 0..k / 32 {
-            let d = half::f16::from_f32(0.005 + 0.001 * ((r + b) % 7) as f32);
-            let m = half::f16::from_f32(-0.04 - 0.002 * (r % 5) as f32);
-            bytes.extend(d.to_bits().to_le_bytes());
-            bytes.extend(m.to_bits().to_le_bytes());
-            bytes.extend((0..16).map(|j| ((r * 31 + b * 7 + j * 13) % 256) as u8));
+/// An n × k matrix of `format` with plausible blocks: bytes from a fixed pattern, each
+/// block's f16 scale(s) small and finite.
+fn matrix(format: QFormat, n: usize, k: usize) -> QMatrix {
+    let per_row = k / format.block_elems() * format.block_bytes();
+    let scale = half::f16::from_f32(0.004).to_bits().to_le_bytes();
+    let mut bytes: Vec<u8> = (0..n * per_row).map(|i| (i * 31 % 251) as u8).collect();
+    for blk in bytes.chunks_exact_mut(format.block_bytes()) {
+        match format {
+            // Q6_K keeps its f16 scale last.
+            QFormat::Q6K => blk[208..210].copy_from_slice(&scale),
+            QFormat::Q4_1 | QFormat::Q5_1 | QFormat::Q4K | QFormat::Q5K => {
+                blk[0..2].copy_from_slice(&scale);
+                blk[2..4].copy_from_slice(&scale);
+            }
+            _ => blk[0..2].copy_from_slice(&scale),
         }
     }
-    QMatrix::from_bytes(QFormat::Q4_1, &bytes, n, k).expect("well-formed blocks")
+    QMatrix::from_bytes(format, &bytes, n, k).expect("well-formed blocks")
 }
 
 fn matmul(c: &mut Criterion) {
-    // The FFN up/gate shape and the attention output shape of SmolLM2-135M.
-    for (n, k) in [(1536usize, 576usize), (576, 576)] {
-        let w = q4_1(n, k);
-        let mut g = c.benchmark_group(format!("matmul_q4_1_{n}x{k}"));
-        for m in [1usize, 4, 16, 64] {
+    // The default model's FFN up/gate shape (Q4_1) and output projection (Q8_0), and the
+    // other formats on a 3072 x 768 matrix; 1 activation row (decode), 16 (a batched
+    // step), 64 (a prompt chunk).
+    let shapes = [
+        (QFormat::Q4_1, 3072usize, 576usize),
+        (QFormat::Q8_0, 49152, 576),
+        (QFormat::Q4_0, 3072, 768),
+        (QFormat::Q5_0, 3072, 768),
+        (QFormat::Q5_1, 3072, 768),
+        (QFormat::Q4K, 3072, 768),
+        (QFormat::Q5K, 3072, 768),
+        (QFormat::Q6K, 3072, 768),
+    ];
+    for (format, n, k) in shapes {
+        let w = matrix(format, n, k);
+        let mut g = c.benchmark_group(format!("matmul_{format:?}_{n}x{k}"));
+        for m in [1usize, 16, 64] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let mut out = vec![0f32; m * n];
             g.throughput(Throughput::Elements((m * n * k) as u64));
@@ -49,10 +65,10 @@ fn matmul(c: &mut Criterion) {
 
 fn quantize(c: &mut Criterion) {
     let x: Vec<f32> = (0..1536).map(|i| (i as f32 * 0.11).cos()).collect();
-    let mut q = vec![BlockQ8_1::default(); 1536 / 32];
-    let mut g = c.benchmark_group("quantize_row_q8_1");
+    let mut q = vec![Act::default(); 1536 / 32];
+    let mut g = c.benchmark_group("quantize_acts");
     g.throughput(Throughput::Elements(1536));
-    g.bench_function("1536", |b| b.iter(|| quantize_row_q8_1(&x, &mut q)));
+    g.bench_function("1536", |b| b.iter(|| quantize_acts(&x, 0, &mut q)));
     g.finish();
 }
 

@@ -235,7 +235,7 @@ pub struct AttendCall<'a> {
 /// instead of three times per sequence. Each call's results are those of [`attend`].
 pub fn attend_batch(calls: &mut [AttendCall<'_>], s: AttentionShape, scale: f32) {
     let singles = calls.iter().filter(|c| c.seq == 1).count();
-    for c in calls.iter_mut().filter(|c| c.seq > 1 || singles == 1) {
+    for c in calls.iter_mut().filter(|c| c.seq != 1 || singles == 1) {
         attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, true, true);
     }
     if singles > 1 {
@@ -283,6 +283,12 @@ fn attend_with(
         fast && crate::has_avx512_vnni(),
     ) {
         // One query row over an f16 cache: read the paged cells where they are.
+        let used = &kv.blocks[..total.div_ceil(16)];
+        let cells = (used.iter().max().map_or(0, |&b| b as usize) + 1) * 16 * s.kv_heads * hd;
+        assert!(
+            cells <= kc.len() && cells <= vc.len(),
+            "a block of the table lies outside the cache"
+        );
         let first = s.window.map_or(0, |w| total.saturating_sub(w));
         let head = |(h, o): (usize, &mut [f32])| {
             let mut w = vec![0f32; padded];
@@ -435,7 +441,7 @@ mod decode512 {
         let used = total.div_ceil(16);
         let padded = w.len() / 16;
         // Cells past `total` in the last block: zero (as the widened rows are).
-        let tail: __mmask16 = if total % 16 == 0 {
+        let tail: __mmask16 = if total.is_multiple_of(16) {
             0xffff
         } else {
             (1u16 << (total % 16)) - 1
@@ -738,5 +744,70 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A batch of single-row and multi-row calls gives each call's `attend` result.
+    #[test]
+    fn a_batch_gives_what_each_call_gives_alone() {
+        let s = AttentionShape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 64,
+            window: None,
+        };
+        let (bs, width) = (16, 2 * 64);
+        let f = |i: usize| (i * 7919 % 1000) as f32 / 500.0 - 1.0;
+        let kp: Vec<f16> = (0..20 * bs * width).map(|i| f16::from_f32(f(i))).collect();
+        let vp: Vec<f16> = (0..20 * bs * width)
+            .map(|i| f16::from_f32(f(i + 9)))
+            .collect();
+        // (pos, seq, blocks): two decode steps, one prompt chunk, one more decode step.
+        let items: [(usize, usize, Vec<u32>); 4] = [
+            (20, 1, vec![3, 7]),
+            (0, 1, vec![1]),
+            (5, 9, vec![0]),
+            (47, 1, vec![2, 4, 6]),
+        ];
+        let qs: Vec<Vec<f32>> = items
+            .iter()
+            .enumerate()
+            .map(|(n, (_, seq, _))| (0..seq * 6 * 64).map(|i| f(i + 31 * n) * 2.0).collect())
+            .collect();
+        let alone: Vec<Vec<f32>> = items
+            .iter()
+            .zip(&qs)
+            .map(|((pos, seq, blocks), q)| {
+                let mut out = vec![0f32; q.len()];
+                let kv = KvView {
+                    k: KvCells::F16(&kp),
+                    v: KvCells::F16(&vp),
+                    blocks,
+                    block_size: bs,
+                };
+                attend(q, *seq, *pos, kv, s, 0.125, &mut out);
+                out
+            })
+            .collect();
+        let mut outs: Vec<Vec<f32>> = qs.iter().map(|q| vec![0f32; q.len()]).collect();
+        let mut calls: Vec<AttendCall<'_>> = items
+            .iter()
+            .zip(&qs)
+            .zip(outs.iter_mut())
+            .map(|(((pos, seq, blocks), q), out)| AttendCall {
+                q,
+                seq: *seq,
+                pos: *pos,
+                kv: KvView {
+                    k: KvCells::F16(&kp),
+                    v: KvCells::F16(&vp),
+                    blocks,
+                    block_size: bs,
+                },
+                out,
+            })
+            .collect();
+        attend_batch(&mut calls, s, 0.125);
+        drop(calls);
+        assert_eq!(outs, alone);
     }
 }

@@ -39,7 +39,6 @@ macro_rules! multiversion {
 }
 
 pub mod attention;
-pub mod blocks;
 pub mod formats;
 pub mod math;
 pub mod matmul;
@@ -47,7 +46,7 @@ pub mod packed;
 pub mod quantize;
 pub mod rope;
 
-pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+pub use formats::QK;
 pub use matmul::{QFormat, QMatrix, QMatrixError};
 
 /// Whether the switch `HEARTH_NO_<name>` (set, non-empty, not `0`) turns a path off.

@@ -1,9 +1,10 @@
-//! Quantizing activation rows to Q8_0 / Q8_1 blocks, the way ggml's x86 code does it:
-//! scale `d = amax / 127` (stored as f16), multiplier `127 / amax`, round half to even.
+//! Quantizing activation rows to int8 blocks of 32, the way ggml's x86 code does it for
+//! Q8_0/Q8_1: scale `d = amax / 127` (stored as f16), multiplier `127 / amax`, round half
+//! to even; with what the packed matmul needs of the sums.
 
 use half::f16;
 
-use crate::blocks::{BlockQ8_0, BlockQ8_1, QK};
+use crate::formats::QK;
 use crate::packed::Act;
 
 #[inline(always)]
@@ -27,29 +28,6 @@ fn quantize_block(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
         sum += r;
     }
     (d, sum)
-}
-
-multiversion! {
-    /// `x.len()` must equal `out.len() * 32`.
-    pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-        debug_assert_eq!(x.len(), out.len() * QK);
-        for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-            let (d, _) = quantize_block(xs, &mut b.qs);
-            b.d = f16::from_f32(d);
-        }
-    }
-}
-
-multiversion! {
-    /// `x.len()` must equal `out.len() * 32`.
-    pub fn quantize_row_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-        debug_assert_eq!(x.len(), out.len() * QK);
-        for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-            let (d, sum) = quantize_block(xs, &mut b.qs);
-            b.d = f16::from_f32(d);
-            b.s = f16::from_f32(d * sum as f32);
-        }
-    }
 }
 
 multiversion! {
@@ -79,15 +57,17 @@ mod tests {
     #[test]
     fn round_trip_is_close_and_ties_go_to_even() {
         let x: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.37).collect();
-        let mut q = vec![BlockQ8_1::default(); 2];
-        quantize_row_q8_1(&x, &mut q);
+        let mut q = vec![Act::default(); 2];
+        quantize_acts_into(&x, 8, &mut q);
         for (b, xs) in q.iter().zip(x.chunks(QK)) {
-            let d = b.d.to_f32();
             for (&qi, &xi) in b.qs.iter().zip(xs) {
-                assert!((qi as f32 * d - xi).abs() <= d * 0.51 + 1e-3);
+                assert!((qi as f32 * b.d - xi).abs() <= b.d * 0.51 + 1e-3);
             }
             let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
-            assert!((b.s.to_f32() - d * sum as f32).abs() <= 1e-2 * (1.0 + b.s.to_f32().abs()));
+            assert!((b.s - b.d * sum as f32).abs() <= 1e-2 * (1.0 + b.s.abs()));
+            let lane0: i32 = b.qs[..4].iter().map(|&v| v as i32).sum();
+            assert_eq!(b.neg[0], -8 * lane0);
+            assert_eq!(b.neg_lo + b.neg_hi, -8 * sum);
         }
         // amax 127 -> id 1: 2.5 rounds to 2, 3.5 to 4, -2.5 to -2.
         let mut x = vec![0f32; 32];
@@ -95,16 +75,30 @@ mod tests {
         x[1] = 2.5;
         x[2] = 3.5;
         x[3] = -2.5;
-        let mut q = [BlockQ8_0::default()];
-        quantize_row_q8_0(&x, &mut q);
+        let mut q = [Act::default()];
+        quantize_acts_into(&x, 0, &mut q);
         assert_eq!(&q[0].qs[..4], &[127, 2, 4, -2]);
+        assert_eq!(q[0].neg, [0; 8]);
     }
 
     #[test]
     fn zero_block_quantizes_to_zero() {
-        let mut q = [BlockQ8_1::default()];
-        quantize_row_q8_1(&[0.0; 32], &mut q);
+        let mut q = [Act::default()];
+        quantize_acts_into(&[0.0; 32], 128, &mut q);
         assert_eq!(q[0].qs, [0; 32]);
-        assert_eq!(q[0].d.to_f32(), 0.0);
+        assert_eq!(q[0].d, 0.0);
+    }
+
+    /// The largest magnitude may sit in any lane, negative too.
+    #[test]
+    fn amax_is_found_in_every_position() {
+        for at in 0..QK {
+            let mut x = vec![0.5f32; QK];
+            x[at] = -100.0;
+            let mut q = [Act::default()];
+            quantize_acts_into(&x, 0, &mut q);
+            assert_eq!(q[0].qs[at], -127, "position {at}");
+            assert_eq!(q[0].d, half::f16::from_f32(100.0 / 127.0).to_f32());
+        }
     }
 }
