@@ -58,7 +58,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: hearth_engine::KvDtype,
     /// Quantize f32/f16/bf16 weight matrices at load: q8_0, q4_0, q4_1, q5_0, q5_1,
-    /// q2_k … q6_k (our CPU kernels run q8_0, q4_0 and q4_1).
+    /// q2_k … q6_k (our CPU kernels run all of them but q2_k and q3_k).
     #[arg(long, conflicts_with = "dtype")]
     pub quantize: Option<hearth_models::GgmlType>,
     /// Store f32/f16/bf16 weight matrices as this float type at load: f32, f16, bf16.

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 pub use crate::formats::QFormat;
 use crate::formats::{dequantize, QK};
-use crate::packed::{quantize_acts, Act, Packed, COLS, ROWS};
+use crate::packed::{quantize_acts, Act, Packed, ROWS};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum QMatrixError {
@@ -106,33 +106,29 @@ impl QMatrix {
         let ptr = OutPtr(out.as_mut_ptr());
         let groups = self.packed.groups();
         let per_task = (groups / (rayon::current_num_threads() * 4)).max(1);
+        let rows_a: Vec<&[Act]> = acts.chunks_exact(nb).collect();
         (0..groups)
             .into_par_iter()
             .with_min_len(per_task)
-            .for_each(|g| {
-                let p = ptr;
-                let rows = (n - g * ROWS).min(ROWS);
-                let mut tile = [[0f32; ROWS]; COLS];
-                for c0 in (0..m).step_by(COLS) {
-                    let cols = (m - c0).min(COLS);
-                    let a: [&[Act]; COLS] = std::array::from_fn(|c| {
-                        let i = c0 + c.min(cols - 1);
-                        &acts[i * nb..(i + 1) * nb]
-                    });
-                    self.packed.group_dot(g, &a[..cols], &mut tile, c0 == 0);
-                    for (c, t) in tile[..cols].iter().enumerate() {
-                        // SAFETY: c0 + c < m and g·16 + rows <= n, so the range lies in
-                        // `out`; row range g·16.. belongs to this task alone.
+            .for_each_init(
+                || vec![[0f32; ROWS]; m],
+                |tile, g| {
+                    let p = ptr;
+                    let rows = (n - g * ROWS).min(ROWS);
+                    self.packed.group_dot(g, &rows_a, tile, true);
+                    for (c, t) in tile.iter().enumerate() {
+                        // SAFETY: c < m and g·16 + rows <= n, so the range lies in `out`;
+                        // rows g·16.. belong to this task alone.
                         unsafe {
                             std::ptr::copy_nonoverlapping(
                                 t.as_ptr(),
-                                p.0.add((c0 + c) * n + g * ROWS),
+                                p.0.add(c * n + g * ROWS),
                                 rows,
                             )
                         };
                     }
-                }
-            });
+                },
+            );
     }
 }
 

@@ -25,8 +25,6 @@ use crate::formats::{decode, Decoded, QFormat, Scheme, QK};
 
 /// Rows per group.
 pub const ROWS: usize = 16;
-/// Activation rows per kernel call, at most.
-pub const COLS: usize = 4;
 
 /// One activation block: int8 values, scale, and what the weight side needs of their sum.
 #[derive(Clone, Copy, Debug, Default)]
@@ -93,6 +91,8 @@ struct Group {
     next: *const u8,
     stride: usize,
     prefetch: usize,
+    /// The group's value registers already unpacked (8 × 64 bytes per block), or null.
+    unpacked: *const u8,
 }
 
 impl Packed {
@@ -243,6 +243,7 @@ impl Packed {
                 next: base.wrapping_add(self.stride),
                 stride: self.stride,
                 prefetch: (self.stride / 64).div_ceil(self.nb),
+                unpacked: std::ptr::null(),
             }
         }
     }
@@ -255,10 +256,9 @@ impl Packed {
     }
 
     /// `out[c][i]` = dot(row `16g + i`, activation row `c`) for the activation rows `a`
-    /// (1 to [`COLS`] of them, `nb` blocks each). With `prefetch`, the next group's bytes
-    /// are requested meanwhile (once per group is enough: pass it for the first call).
+    /// (`nb` blocks each). With `prefetch`, the next group's bytes are requested meanwhile.
     pub fn group_dot(&self, g: usize, a: &[&[Act]], out: &mut [[f32; ROWS]], prefetch: bool) {
-        assert!(g < self.groups() && (1..=COLS).contains(&a.len()) && out.len() >= a.len());
+        assert!(g < self.groups() && !a.is_empty() && out.len() >= a.len());
         assert!(
             a.iter().all(|r| r.len() == self.nb),
             "activation rows of nb blocks"
@@ -464,26 +464,8 @@ mod x86 {
     #[inline(always)]
     unsafe fn values512<const BITS: u32>(g: Group, b: usize) -> [__m512i; 8] {
         let mut w = [_mm512_setzero_si512(); 8];
-        let v = g.vals.add(b * value_bytes(BITS));
-        if BITS == 8 {
-            for (p, wp) in w.iter_mut().enumerate() {
-                *wp = _mm512_load_si512(v.add(64 * p) as *const _);
-            }
-            return w;
-        }
-        let low = _mm512_set1_epi8(0x0f);
         for p in 0..4 {
-            let x = _mm512_load_si512(v.add(64 * p) as *const _);
-            w[p] = _mm512_and_si512(x, low);
-            w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
-        }
-        let e = g.bits.add(b * extra_bytes(BITS)) as *const u64;
-        for x in 0..(BITS as usize - 4) {
-            let add = _mm512_set1_epi8(16 << x);
-            for (p, wp) in w.iter_mut().enumerate() {
-                let k: __mmask64 = std::ptr::read(e.add(8 * x + p));
-                *wp = _mm512_mask_add_epi8(*wp, k, *wp, add);
-            }
+            (w[p], w[p + 4]) = plane512::<BITS>(g, b, p);
         }
         w
     }
@@ -504,6 +486,13 @@ mod x86 {
     /// 32-bit lane): one plane unpacked at a time keeps two weight registers live.
     #[inline(always)]
     unsafe fn plane512<const BITS: u32>(g: Group, b: usize, p: usize) -> (__m512i, __m512i) {
+        if !g.unpacked.is_null() {
+            let u = g.unpacked.add(512 * b);
+            return (
+                _mm512_load_si512(u.add(64 * p) as *const _),
+                _mm512_load_si512(u.add(64 * (p + 4)) as *const _),
+            );
+        }
         let v = g.vals.add(b * value_bytes(BITS));
         if BITS == 8 {
             return (
@@ -687,11 +676,18 @@ mod x86 {
                     }
                 }
             } else {
-                match a.len() {
-                    1 => bits!($halves, 1, g, [a[0]], out),
-                    2 => bits!($halves, 2, g, [a[0], a[1]], out),
-                    3 => bits!($halves, 3, g, [a[0], a[1], a[2]], out),
-                    _ => bits!($halves, 4, g, [a[0], a[1], a[2], a[3]], out),
+                for (i, (a, out)) in a.chunks(4).zip(out.chunks_mut(4)).enumerate() {
+                    let first = if i == 0 {
+                        g
+                    } else {
+                        Group { prefetch: 0, ..g }
+                    };
+                    match a.len() {
+                        1 => bits!($halves, 1, first, [a[0]], out),
+                        2 => bits!($halves, 2, first, [a[0], a[1]], out),
+                        3 => bits!($halves, 3, first, [a[0], a[1], a[2]], out),
+                        _ => bits!($halves, 4, first, [a[0], a[1], a[2], a[3]], out),
+                    }
                 }
             }
         }};
@@ -705,7 +701,51 @@ mod x86 {
         a: &[&[Act]],
         out: &mut [[f32; ROWS]],
     ) {
-        dispatch!(lanes512, halves512, format, g, nb, a, out)
+        // More activation rows than one kernel call takes: unpack the group's values once
+        // (into L1) for all the calls, instead of once per call.
+        let per_call = if format.lanes() { 2 } else { 4 };
+        if a.len() <= per_call {
+            return dispatch!(lanes512, halves512, format, g, nb, a, out);
+        }
+        UNPACKED.with(|cell| {
+            let mut own = Vec::new();
+            let mut borrowed = cell.try_borrow_mut();
+            let buf = match borrowed.as_deref_mut() {
+                Ok(b) => b,
+                Err(_) => &mut own,
+            };
+            buf.clear();
+            buf.resize(8 * nb, _mm512_setzero_si512());
+            macro_rules! unpack {
+                ($bits:literal) => {
+                    for b in 0..nb {
+                        prefetch_next(g, b);
+                        for p in 0..4 {
+                            (buf[8 * b + p], buf[8 * b + p + 4]) = plane512::<$bits>(g, b, p);
+                        }
+                    }
+                };
+            }
+            match format.bits() {
+                4 => unpack!(4),
+                5 => unpack!(5),
+                6 => unpack!(6),
+                _ => unpack!(8),
+            }
+            let gu = Group {
+                prefetch: 0,
+                unpacked: buf.as_ptr() as *const u8,
+                ..g
+            };
+            dispatch!(lanes512, halves512, format, gu, nb, a, out)
+        })
+    }
+
+    std::thread_local! {
+        /// A group's unpacked value registers, reused across calls on this thread.
+        static UNPACKED: std::cell::RefCell<Vec<__m512i>> = const {
+            std::cell::RefCell::new(Vec::new())
+        };
     }
 
     // ---- AVX2: the same group as two halves of 8 rows ----
@@ -1026,7 +1066,7 @@ pub(crate) mod tests {
                 let bytes = random_blocks(format, n * fblocks, &mut next);
                 let p = Packed::from_gguf(format, &bytes, n, k);
                 let rows = decoded_rows(format, &bytes, n, k);
-                let x = random_acts(COLS, k, &mut next);
+                let x = random_acts(7, k, &mut next);
                 let acts: Vec<Vec<Act>> = x
                     .chunks_exact(k)
                     .map(|row| {
@@ -1041,10 +1081,10 @@ pub(crate) mod tests {
                     }
                 }
                 for isa in isas() {
-                    for cols in 1..=COLS {
+                    for cols in [1, 2, 3, 4, 5, 7] {
                         let a: Vec<&[Act]> = acts[..cols].iter().map(|v| &v[..]).collect();
                         for g in 0..p.groups() {
-                            let mut out = [[f32::NAN; ROWS]; COLS];
+                            let mut out = [[f32::NAN; ROWS]; 7];
                             run(isa, &p, g, &a, &mut out);
                             for i in 0..ROWS.min(n - g * ROWS) {
                                 for c in 0..cols {
@@ -1094,7 +1134,7 @@ pub(crate) mod tests {
                     let mut a = vec![Act::default(); k / QK];
                     quantize_acts(&x, format.bias(), &mut a);
                     for isa in isas() {
-                        let mut out = [[0f32; ROWS]; COLS];
+                        let mut out = [[0f32; ROWS]; 1];
                         run(isa, &p, 0, &[&a], &mut out);
                         for (i, row) in rows.iter().enumerate() {
                             assert_eq!(
