@@ -274,6 +274,12 @@ fn attend_with(
     // `padded` cells, zero past the sequence.
     let total = pos + seq;
     #[cfg(target_arch = "x86_64")]
+    if seq >= 2 && hd.is_multiple_of(16) && hd <= 256 && fast && crate::has_avx512_vnni() {
+        // Several query rows (a prompt): 16 keys' scores and 16 output dims at a time.
+        let round = matches!(kv.k, KvCells::F16(_));
+        return rows512::attend(q, seq, pos, kv, s, scale, out, round, parallel);
+    }
+    #[cfg(target_arch = "x86_64")]
     if let (1, KvCells::F16(kc), KvCells::F16(vc), 16, true, true) = (
         seq,
         kv.k,
@@ -464,6 +470,264 @@ mod decode512 {
             }
             let f = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
             *o = reduce(f);
+        }
+    }
+}
+
+/// Several query rows of a sequence with AVX-512, exactly the operations of
+/// [`attend_head`]'s tiled paths (llamafile tinyBLAS's orders): the keys are widened
+/// transposed (`[kv_head][d][cell]`) so that one register holds lane `x` of 16 keys'
+/// score accumulators, and the values cell-major (`[kv_head][cell][d]`) so that one
+/// register holds lane `x` of 16 output dims; `reduce16`'s tree then runs across
+/// registers. The softmax uses [`expf16`], ggml's `expf` on 16 lanes.
+#[cfg(target_arch = "x86_64")]
+mod rows512 {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{round_up64, AttentionShape, KvView};
+
+    /// `reduce16`'s tree across 16 registers: lane `k` of the result is
+    /// `reduce16([l[0][k], …, l[15][k]])`.
+    #[inline(always)]
+    unsafe fn tree(l: &[__m512; 16]) -> __m512 {
+        let t3: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(l[8 + i], l[i]));
+        let t6: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(t3[4 + i], t3[i]));
+        _mm512_add_ps(_mm512_add_ps(t6[0], t6[2]), _mm512_add_ps(t6[1], t6[3]))
+    }
+
+    /// `reduce16` of one register's lanes.
+    #[inline(always)]
+    unsafe fn reduce(v: __m512) -> f32 {
+        let t3 = _mm256_add_ps(_mm512_extractf32x8_ps(v, 1), _mm512_castps512_ps256(v));
+        let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+        let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    }
+
+    /// [`crate::math::expf`] on 16 lanes: the same fused multiply-adds, and `vscalefps`
+    /// for the one correctly rounded `j · 2^n` the scalar code gets through f64.
+    #[inline(always)]
+    pub(super) unsafe fn expf16(x: __m512) -> __m512 {
+        let c = |b: u32| _mm512_set1_ps(f32::from_bits(b));
+        let r = c(0x4b40_0000);
+        let z = _mm512_fmadd_ps(x, c(0x3fb8_aa3b), r);
+        let n = _mm512_sub_ps(z, r);
+        let neg = _mm512_xor_ps(n, _mm512_set1_ps(-0.0));
+        let b = _mm512_fmadd_ps(neg, c(0x35bf_be8e), _mm512_fmadd_ps(neg, c(0x3f31_7200), x));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+                u,
+                _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+            ),
+            u,
+            _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
+        );
+        let scaled = _mm512_scalef_ps(j, n);
+        let abs = _mm512_andnot_ps(_mm512_set1_ps(-0.0), n);
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(abs, _mm512_set1_ps(192.0));
+        let nonpos = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
+        let saturated =
+            _mm512_mask_blend_ps(nonpos, _mm512_set1_ps(f32::INFINITY), _mm512_setzero_ps());
+        _mm512_mask_blend_ps(big, scaled, saturated)
+    }
+
+    /// Keys `[kv_head][d][cell]` and values `[kv_head][cell][d]`, `padded` cells each,
+    /// zero past `total`.
+    fn widen(
+        kv: KvView<'_>,
+        s: AttentionShape,
+        total: usize,
+        padded: usize,
+        kt: &mut [f32],
+        vc: &mut [f32],
+    ) {
+        let hd = s.head_dim;
+        let width = s.kv_heads * hd;
+        let bs = kv.block_size;
+        kt.fill(0.0);
+        vc.fill(0.0);
+        let mut row = vec![0f32; hd.max(bs)];
+        for g in 0..s.kv_heads {
+            let (kt, vc) = (
+                &mut kt[g * hd * padded..(g + 1) * hd * padded],
+                &mut vc[g * padded * hd..(g + 1) * padded * hd],
+            );
+            for j in 0..total {
+                let cell = kv.blocks[j / bs] as usize * bs + j % bs;
+                kv.k.widen_into(cell * width + g * hd, &mut row[..hd]);
+                for (e, &x) in row[..hd].iter().enumerate() {
+                    kt[e * padded + j] = x;
+                }
+            }
+            for (bi, &b) in kv.blocks.iter().enumerate().take(total.div_ceil(bs)) {
+                let cells = (total - bi * bs).min(bs);
+                for d in 0..hd {
+                    kv.v.widen_into((b as usize * width + g * hd + d) * bs, &mut row[..cells]);
+                    for (x, &v) in row[..cells].iter().enumerate() {
+                        vc[(bi * bs + x) * hd + d] = v;
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend(
+        q: &[f32],
+        seq: usize,
+        pos: usize,
+        kv: KvView<'_>,
+        s: AttentionShape,
+        scale: f32,
+        out: &mut [f32],
+        round: bool,
+        parallel: bool,
+    ) {
+        let hd = s.head_dim;
+        let n_rep = s.heads / s.kv_heads;
+        let total = pos + seq;
+        let padded = round_up64(total);
+        let mut kt = vec![0f32; s.kv_heads * hd * padded];
+        let mut vc = vec![0f32; s.kv_heads * padded * hd];
+        widen(kv, s, total, padded, &mut kt, &mut vc);
+        let (kt, vc) = (&kt[..], &vc[..]);
+        let scratch = || (vec![0f32; padded], vec![0f32; padded]);
+        let task = |(w, p): &mut (Vec<f32>, Vec<f32>), (idx, o): (usize, &mut [f32])| {
+            let (t, h) = (idx / s.heads, idx % s.heads);
+            let g = h / n_rep;
+            let visible = pos + t + 1;
+            let first = s.window.map_or(0, |w| visible.saturating_sub(w));
+            // SAFETY: AVX-512 detected by the caller; the slices hold what `row` reads.
+            unsafe {
+                row(
+                    &q[idx * hd..(idx + 1) * hd],
+                    &kt[g * hd * padded..(g + 1) * hd * padded],
+                    &vc[g * padded * hd..(g + 1) * padded * hd],
+                    padded,
+                    first,
+                    visible,
+                    scale,
+                    round,
+                    w,
+                    p,
+                    o,
+                )
+            }
+        };
+        if parallel {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each_init(scratch, task);
+        } else {
+            let mut sc = scratch();
+            out.chunks_mut(hd)
+                .enumerate()
+                .for_each(|item| task(&mut sc, item));
+        }
+    }
+
+    /// One query row of one head.
+    ///
+    /// # Safety
+    /// AVX-512F/DQ and F16C; `kt` is `[hd][padded]`, `vc` `[padded][hd]`, `w` and `p`
+    /// hold `padded` (a multiple of 64 ≥ `visible`), `hd` is a multiple of 16.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    unsafe fn row(
+        q: &[f32],
+        kt: &[f32],
+        vc: &[f32],
+        padded: usize,
+        first: usize,
+        visible: usize,
+        scale: f32,
+        round: bool,
+        w: &mut [f32],
+        p: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        let zero = _mm512_setzero_ps();
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        // The query meets the keys as f16 (with an f16 cache).
+        let mut qf = [0f32; 256];
+        for (d, &x) in qf.iter_mut().zip(q) {
+            *d = if round {
+                half::f16::from_f32(x).to_f32()
+            } else {
+                x
+            };
+        }
+        // Scores, 16 keys at a time: lane x of key j sums d = x, x+16, ... in order.
+        let chunks = visible.div_ceil(16);
+        let mut maxv = ninf;
+        for ch in 0..padded / 16 {
+            let j0 = 16 * ch;
+            let r = if ch < chunks && j0 + 16 > first {
+                let mut acc = [zero; 16];
+                for s in 0..hd / 16 {
+                    for (x, a) in acc.iter_mut().enumerate() {
+                        let e = 16 * s + x;
+                        let k = _mm512_loadu_ps(kt.as_ptr().add(e * padded + j0));
+                        *a = _mm512_fmadd_ps(k, _mm512_set1_ps(qf[e]), *a);
+                    }
+                }
+                let sc = _mm512_mul_ps(tree(&acc), _mm512_set1_ps(scale));
+                // Keys outside first..visible are not seen.
+                let lo = first.saturating_sub(j0).min(16);
+                let hi = (visible - j0.min(visible)).min(16);
+                let seen: __mmask16 = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16;
+                _mm512_mask_blend_ps(seen, ninf, sc)
+            } else {
+                ninf
+            };
+            _mm512_storeu_ps(w.as_mut_ptr().add(j0), r);
+            // f32::max skips NaN as `max_ps(new, old)` does (it returns old then).
+            maxv = _mm512_max_ps(r, maxv);
+        }
+        let lanes: [f32; 16] = std::mem::transmute(maxv);
+        let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        // Softmax over the chunks that hold seen keys (the rest give exact zeros).
+        let mut sum = 0f64;
+        let maxb = _mm512_set1_ps(max);
+        for ch in 0..chunks {
+            let e = expf16(_mm512_sub_ps(
+                _mm512_loadu_ps(w.as_ptr().add(16 * ch)),
+                maxb,
+            ));
+            _mm512_storeu_ps(w.as_mut_ptr().add(16 * ch), e);
+            sum += reduce(e) as f64;
+        }
+        let inv = _mm512_set1_ps((1.0 / sum) as f32);
+        for ch in 0..padded / 16 {
+            let x = if ch < chunks {
+                let e = _mm512_mul_ps(_mm512_loadu_ps(w.as_ptr().add(16 * ch)), inv);
+                if round {
+                    _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(e))
+                } else {
+                    e
+                }
+            } else {
+                zero
+            };
+            _mm512_storeu_ps(p.as_mut_ptr().add(16 * ch), x);
+        }
+        // Values, 16 dims at a time: lane x of dim d sums cells x, x+16, ... in order.
+        let n = round_up64(visible);
+        for d0 in (0..hd).step_by(16) {
+            let mut acc = [zero; 16];
+            for c in 0..n / 16 {
+                for (x, a) in acc.iter_mut().enumerate() {
+                    let cell = 16 * c + x;
+                    let v = _mm512_loadu_ps(vc.as_ptr().add(cell * hd + d0));
+                    *a = _mm512_fmadd_ps(v, _mm512_set1_ps(*p.get_unchecked(cell)), *a);
+                }
+            }
+            _mm512_storeu_ps(out.as_mut_ptr().add(d0), tree(&acc));
         }
     }
 }
@@ -809,5 +1073,112 @@ mod tests {
         attend_batch(&mut calls, s, 0.125);
         drop(calls);
         assert_eq!(outs, alone);
+    }
+
+    /// The 16-lane `expf` gives the scalar one's bits: around zero, the ends of the range
+    /// (overflow to inf, underflow through subnormals to 0), infinities and NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_expf_equals_the_scalar_one() {
+        if !crate::has_avx512_vnni() {
+            return;
+        }
+        let mut xs: Vec<f32> = (-2000..2000).map(|i| i as f32 * 0.0537).collect();
+        xs.extend((0..4000).map(|i| -110.0 + i as f32 * 0.05));
+        xs.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            88.72,
+            88.73,
+            -87.3,
+        ]);
+        xs.extend((0..1000).map(|i| f32::from_bits(0x3f80_0000 ^ (i * 7919))));
+        while xs.len() % 16 != 0 {
+            xs.push(1.0);
+        }
+        for chunk in xs.chunks_exact(16) {
+            let got: [f32; 16] = unsafe {
+                std::mem::transmute(expf16_for_test(std::mem::transmute::<[f32; 16], _>(
+                    chunk.try_into().unwrap(),
+                )))
+            };
+            for (x, g) in chunk.iter().zip(got) {
+                let want = crate::math::expf(*x);
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "expf({x}): {g} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    unsafe fn expf16_for_test(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+        rows512::expf16(x)
+    }
+
+    /// Prompt rows (several query rows) on the AVX-512 path give the bits of the tiled
+    /// path: head sizes 32, 64 and 128, f16 and f32 caches, windows, chunks that start
+    /// inside a block and end past 64-cell boundaries.
+    #[test]
+    fn prompt_rows_equal_the_tiled_path_bit_for_bit() {
+        let bs = 16;
+        let f = |i: usize| (i * 7919 % 1000) as f32 / 500.0 - 1.0;
+        for hd in [32usize, 64, 128] {
+            for window in [None, Some(7)] {
+                let s = AttentionShape {
+                    heads: 4,
+                    kv_heads: 2,
+                    head_dim: hd,
+                    window,
+                };
+                let width = s.kv_heads * hd;
+                let pool = 10;
+                let k16: Vec<f16> = (0..pool * bs * width)
+                    .map(|i| f16::from_f32(f(i)))
+                    .collect();
+                let v16: Vec<f16> = (0..pool * bs * width)
+                    .map(|i| f16::from_f32(f(i + 3)))
+                    .collect();
+                let k32: Vec<f32> = k16.iter().map(|x| x.to_f32() * 1.1).collect();
+                let v32: Vec<f32> = v16.iter().map(|x| x.to_f32() * 0.9).collect();
+                for (pos, seq) in [(0usize, 2usize), (0, 17), (5, 60), (30, 70), (64, 9)] {
+                    let used = (pos + seq).div_ceil(bs);
+                    let blocks: Vec<u32> = (0..used as u32).map(|b| (b * 3 + 2) % 10).collect();
+                    let q: Vec<f32> = (0..seq * s.heads * hd).map(|i| f(i + 17) * 3.0).collect();
+                    for cells in [0, 1] {
+                        let kv = KvView {
+                            k: if cells == 0 {
+                                KvCells::F16(&k16)
+                            } else {
+                                KvCells::F32(&k32)
+                            },
+                            v: if cells == 0 {
+                                KvCells::F16(&v16)
+                            } else {
+                                KvCells::F32(&v32)
+                            },
+                            blocks: &blocks,
+                            block_size: bs,
+                        };
+                        let mut fast = vec![0f32; q.len()];
+                        let mut slow = vec![1f32; q.len()];
+                        attend_with(&q, seq, pos, kv, s, 0.17, &mut fast, true, true);
+                        attend_with(&q, seq, pos, kv, s, 0.17, &mut slow, false, false);
+                        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "hd {hd} {window:?} pos {pos} seq {seq} cells {cells} [{i}]: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
