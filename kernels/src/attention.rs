@@ -1096,14 +1096,17 @@ mod tests {
             -87.3,
         ]);
         xs.extend((0..1000).map(|i| f32::from_bits(0x3f80_0000 ^ (i * 7919))));
-        while xs.len() % 16 != 0 {
+        while !xs.len().is_multiple_of(16) {
             xs.push(1.0);
         }
         for chunk in xs.chunks_exact(16) {
+            use std::arch::x86_64::__m512;
+            let x: [f32; 16] = chunk.try_into().unwrap();
             let got: [f32; 16] = unsafe {
-                std::mem::transmute(expf16_for_test(std::mem::transmute::<[f32; 16], _>(
-                    chunk.try_into().unwrap(),
-                )))
+                std::mem::transmute::<__m512, [f32; 16]>(expf16_for_test(std::mem::transmute::<
+                    [f32; 16],
+                    __m512,
+                >(x)))
             };
             for (x, g) in chunk.iter().zip(got) {
                 let want = crate::math::expf(*x);
