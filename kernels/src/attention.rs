@@ -383,14 +383,7 @@ mod decode512 {
 
     use half::f16;
 
-    /// `reduce16`'s order: halves of 8, then 4, then (0+2) + (1+3).
-    #[inline(always)]
-    unsafe fn reduce(v: __m512) -> f32 {
-        let t3 = _mm256_add_ps(_mm512_extractf32x8_ps(v, 1), _mm512_castps512_ps256(v));
-        let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-        let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
-        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
-    }
+    use super::rows512::reduce;
 
     #[inline(always)]
     unsafe fn wide(p: *const f16) -> __m512 {
@@ -497,9 +490,9 @@ mod rows512 {
         _mm512_add_ps(_mm512_add_ps(t6[0], t6[2]), _mm512_add_ps(t6[1], t6[3]))
     }
 
-    /// `reduce16` of one register's lanes.
+    /// `reduce16` of one register's lanes: halves of 8, then 4, then (0+2) + (1+3).
     #[inline(always)]
-    unsafe fn reduce(v: __m512) -> f32 {
+    pub(super) unsafe fn reduce(v: __m512) -> f32 {
         let t3 = _mm256_add_ps(_mm512_extractf32x8_ps(v, 1), _mm512_castps512_ps256(v));
         let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
         let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));

@@ -107,6 +107,8 @@ impl Packed {
         let stride = v + e + s;
         let groups = n.div_ceil(ROWS);
         let mut data = vec![Line([0; 64]); groups * stride / 64];
+        // SAFETY: `Line` is 64 plain bytes; the slice covers exactly `data`'s bytes and
+        // `data` is not touched otherwise while it lives.
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, data.len() * 64)
         };
