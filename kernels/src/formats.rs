@@ -33,10 +33,12 @@ pub enum Scheme {
     D16,
     /// An f16 scale and an f16 minimum.
     D16M16,
-    /// An f32 scale and an f32 minimum (K-quants with sub-block scales folded in).
-    D32M32,
-    /// Two f32 scales, one per 16-element half (Q6_K).
-    D32x2,
+    /// Q4_K/Q5_K as in the file: an f16 scale and minimum per super-block of 256, a
+    /// 6-bit scale and minimum per block; `d = D·sc`, `m = −(Dmin·mn)` in f32.
+    K4,
+    /// Q6_K as in the file: an f16 scale per super-block, two int8 scales per block (one
+    /// per half); `d0 = D·sc0`, `d1 = D·sc1` in f32.
+    K6,
 }
 
 impl Scheme {
@@ -45,11 +47,23 @@ impl Scheme {
         match self {
             Scheme::D16 => 32,
             Scheme::D16M16 => 64,
-            Scheme::D32M32 | Scheme::D32x2 => 128,
+            Scheme::K4 | Scheme::K6 => 32,
+        }
+    }
+    /// Bytes of super-block scales per super-block (8 blocks) of 16 rows.
+    pub const fn super_bytes(self) -> usize {
+        match self {
+            Scheme::K4 => 64,
+            Scheme::K6 => 32,
+            Scheme::D16 | Scheme::D16M16 => 0,
         }
     }
     pub const fn has_min(self) -> bool {
-        matches!(self, Scheme::D16M16 | Scheme::D32M32)
+        matches!(self, Scheme::D16M16 | Scheme::K4)
+    }
+    /// Two scales per block, one per half.
+    pub const fn two_scales(self) -> bool {
+        matches!(self, Scheme::K6)
     }
 }
 
@@ -117,20 +131,27 @@ impl QFormat {
         match self {
             QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q8_0 => Scheme::D16,
             QFormat::Q4_1 | QFormat::Q5_1 => Scheme::D16M16,
-            QFormat::Q4K | QFormat::Q5K => Scheme::D32M32,
-            QFormat::Q6K => Scheme::D32x2,
+            QFormat::Q4K | QFormat::Q5K => Scheme::K4,
+            QFormat::Q6K => Scheme::K6,
         }
     }
 }
 
 /// One block of 32 decoded: `x[j] = d(j) · (u[j] − bias) + m`, where `d(j)` is `d0` for
-/// `j < 16` and `d1` after (equal except for Q6_K).
+/// `j < 16` and `d1` after (equal except for Q6_K). For the K-quants, also the parts
+/// these are made of, as the file keeps them: the super-block's scale (and minimum) and
+/// the block's integer scales (`sc[0]`, `sc[1]` for Q6_K's halves; `sc[0]` and the
+/// minimum `mn` for Q4_K/Q5_K).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Decoded {
     pub u: [u8; QK],
     pub d0: f32,
     pub d1: f32,
     pub m: f32,
+    pub sd: f32,
+    pub sdmin: f32,
+    pub sc: [i8; 2],
+    pub mn: u8,
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -155,10 +176,10 @@ pub fn decode(format: QFormat, b: &[u8], out: &mut [Decoded]) {
     debug_assert_eq!(b.len(), format.block_bytes());
     debug_assert_eq!(out.len(), format.block_elems() / QK);
     let one = |d: f32, m: f32| Decoded {
-        u: [0; QK],
         d0: d,
         d1: d,
         m,
+        ..Decoded::default()
     };
     match format {
         QFormat::Q4_0 | QFormat::Q4_1 => {
@@ -203,7 +224,13 @@ pub fn decode(format: QFormat, b: &[u8], out: &mut [Decoded]) {
             };
             for (j, o) in out.iter_mut().enumerate() {
                 let (sc, mn) = scale_min_k4(j, scales);
-                *o = one(d * sc as f32, -(dmin * mn as f32));
+                *o = Decoded {
+                    sd: d,
+                    sdmin: dmin,
+                    sc: [sc as i8, 0],
+                    mn,
+                    ..one(d * sc as f32, -(dmin * mn as f32))
+                };
                 // Sub-blocks 2i and 2i+1 are the low and high nibbles of qs[32i..32i+32].
                 let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
                 for l in 0..QK {
@@ -227,9 +254,14 @@ pub fn decode(format: QFormat, b: &[u8], out: &mut [Decoded]) {
                 // scales sc[2q] (first 16) and sc[2q + 1] (last 16).
                 for q in 0..4 {
                     let o = &mut out[4 * half + q];
-                    o.d0 = d * sc[2 * q] as i8 as f32;
-                    o.d1 = d * sc[2 * q + 1] as i8 as f32;
-                    o.m = 0.0;
+                    let (s0, s1) = (sc[2 * q] as i8, sc[2 * q + 1] as i8);
+                    *o = Decoded {
+                        d0: d * s0 as f32,
+                        d1: d * s1 as f32,
+                        sd: d,
+                        sc: [s0, s1],
+                        ..Decoded::default()
+                    };
                     for l in 0..QK {
                         let low = match q {
                             0 => ql[l] & 0x0f,

@@ -19,7 +19,9 @@
 //!   nibble = elements `16+4p..16+4p+4`); 8 bits: eight planes of elements `4p..4p+4`;
 //! - extra high bits (5- and 6-bit formats), per block and bit: eight u64 masks, mask `p`
 //!   bit `4r + i` = that bit of element `4p + i` of row `r`;
-//! - scales, per block: 16 d (and 16 m, or 16 second d), f16 or f32.
+//! - scales, per block: 16 f16 d (and 16 f16 m); for the K-quants the file's own
+//!   integer scales (16 6-bit scales and minimums, or 2 × 16 int8 scales for Q6_K);
+//! - K-quants: per super-block of 8 blocks, 16 f16 scales (and minimums).
 
 use crate::formats::{decode, Decoded, QFormat, Scheme, QK};
 
@@ -85,6 +87,7 @@ struct Group {
     vals: *const u8,
     bits: *const u8,
     scales: *const u8,
+    supers: *const u8,
     /// The next group's bytes (`stride` of them; possibly past the matrix: only
     /// prefetched, never read), and how many of its 64-byte lines to ask for per block
     /// (0: none).
@@ -103,8 +106,8 @@ impl Packed {
         nb: usize,
         rows: impl Fn(usize, &mut [Decoded]),
     ) -> Self {
-        let (v, e, s) = Self::parts(format, nb);
-        let stride = v + e + s;
+        let (v, e, s, k) = Self::parts(format, nb);
+        let stride = v + e + s + k;
         let groups = n.div_ceil(ROWS);
         let mut data = vec![Line([0; 64]); groups * stride / 64];
         // SAFETY: `Line` is 64 plain bytes; the slice covers exactly `data`'s bytes and
@@ -118,9 +121,10 @@ impl Packed {
             let (g, i) = (r / ROWS, r % ROWS);
             let group = &mut bytes[g * stride..(g + 1) * stride];
             let (vals, rest) = group.split_at_mut(v);
-            let (extra, scales) = rest.split_at_mut(e);
+            let (extra, rest) = rest.split_at_mut(e);
+            let (scales, supers) = rest.split_at_mut(s);
             for (b, blk) in row.iter().enumerate() {
-                Self::put(format, blk, i, b, vals, extra, scales);
+                Self::put(format, blk, i, b, [vals, extra, scales, supers]);
             }
         }
         Self {
@@ -147,25 +151,20 @@ impl Packed {
         })
     }
 
-    /// Bytes of values, extra bits and scales per group.
-    fn parts(format: QFormat, nb: usize) -> (usize, usize, usize) {
+    /// Bytes of values, extra bits, scales and super-block scales per group.
+    fn parts(format: QFormat, nb: usize) -> (usize, usize, usize, usize) {
         let bits = format.bits();
+        let scheme = format.scheme();
         (
             nb * value_bytes(bits),
             nb * extra_bytes(bits),
-            (nb * format.scheme().bytes()).div_ceil(64) * 64,
+            (nb * scheme.bytes()).div_ceil(64) * 64,
+            (nb.div_ceil(8) * scheme.super_bytes()).div_ceil(64) * 64,
         )
     }
 
-    fn put(
-        format: QFormat,
-        blk: &Decoded,
-        i: usize,
-        b: usize,
-        vals: &mut [u8],
-        extra: &mut [u8],
-        scales: &mut [u8],
-    ) {
+    fn put(format: QFormat, blk: &Decoded, i: usize, b: usize, parts: [&mut [u8]; 4]) {
+        let [vals, extra, scales, supers] = parts;
         let bits = format.bits();
         let vals = &mut vals[b * value_bytes(bits)..];
         if bits == 8 {
@@ -204,14 +203,19 @@ impl Packed {
                 s[2 * i..2 * i + 2].copy_from_slice(&f16(blk.d0));
                 s[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&f16(blk.m));
             }
-            Scheme::D32M32 | Scheme::D32x2 => {
-                let second = if scheme == Scheme::D32M32 {
-                    blk.m
+            Scheme::K4 | Scheme::K6 => {
+                let second = if scheme == Scheme::K4 {
+                    blk.mn
                 } else {
-                    blk.d1
+                    blk.sc[1] as u8
                 };
-                s[4 * i..4 * i + 4].copy_from_slice(&blk.d0.to_le_bytes());
-                s[64 + 4 * i..64 + 4 * i + 4].copy_from_slice(&second.to_le_bytes());
+                s[i] = blk.sc[0] as u8;
+                s[16 + i] = second;
+                let k = &mut supers[b / 8 * scheme.super_bytes()..];
+                k[2 * i..2 * i + 2].copy_from_slice(&f16(blk.sd));
+                if scheme == Scheme::K4 {
+                    k[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&f16(blk.sdmin));
+                }
             }
         }
     }
@@ -234,7 +238,7 @@ impl Packed {
     }
 
     fn group(&self, g: usize) -> Group {
-        let (v, e, _) = Self::parts(self.format, self.nb);
+        let (v, e, sc, _) = Self::parts(self.format, self.nb);
         // SAFETY: g < groups; the parts lie inside the group's stride.
         unsafe {
             let base = (self.data.as_ptr() as *const u8).add(g * self.stride);
@@ -242,6 +246,7 @@ impl Packed {
                 vals: base,
                 bits: base.add(v),
                 scales: base.add(v + e),
+                supers: base.add(v + e + sc),
                 next: base.wrapping_add(self.stride),
                 stride: self.stride,
                 prefetch: (self.stride / 64).div_ceil(self.nb),
@@ -313,7 +318,7 @@ pub fn dot_ref(format: QFormat, w: &[Decoded], a: &[Act]) -> f32 {
                 mins += wb.m * ab.s;
             }
             let (lo, hi) = (sum(wb, ab, 0..QK / 2), sum(wb, ab, QK / 2..QK));
-            if scheme == Scheme::D32x2 {
+            if scheme.two_scales() {
                 acc = (wb.d0 * ab.d).mul_add(lo as f32, acc);
                 acc = (wb.d1 * ab.d).mul_add(hi as f32, acc);
             } else {
@@ -375,18 +380,52 @@ mod scalar {
         let f16 = |at: usize| {
             half::f16::from_bits(std::ptr::read_unaligned(s.add(at) as *const u16)).to_f32()
         };
-        let f32 = |at: usize| std::ptr::read_unaligned(s.add(at) as *const f32);
-        let (d0, d1, m) = match format.scheme() {
-            Scheme::D16 => (f16(2 * i), f16(2 * i), 0.0),
-            Scheme::D16M16 => (f16(2 * i), f16(2 * i), f16(32 + 2 * i)),
-            Scheme::D32M32 => (f32(4 * i), f32(4 * i), f32(64 + 4 * i)),
-            Scheme::D32x2 => (f32(4 * i), f32(64 + 4 * i), 0.0),
-        };
-        Decoded {
-            u: values(g, format.bits(), b, i),
-            d0,
-            d1,
-            m,
+        let u = values(g, format.bits(), b, i);
+        let scheme = format.scheme();
+        match scheme {
+            Scheme::D16 => Decoded {
+                u,
+                d0: f16(2 * i),
+                d1: f16(2 * i),
+                ..Decoded::default()
+            },
+            Scheme::D16M16 => Decoded {
+                u,
+                d0: f16(2 * i),
+                d1: f16(2 * i),
+                m: f16(32 + 2 * i),
+                ..Decoded::default()
+            },
+            Scheme::K4 | Scheme::K6 => {
+                let k = g.supers.add(b / 8 * scheme.super_bytes());
+                let kf16 = |at: usize| {
+                    half::f16::from_bits(std::ptr::read_unaligned(k.add(at) as *const u16)).to_f32()
+                };
+                let (sd, first, second) = (kf16(2 * i), *s.add(i), *s.add(16 + i));
+                if scheme == Scheme::K4 {
+                    let sdmin = kf16(32 + 2 * i);
+                    Decoded {
+                        u,
+                        d0: sd * first as f32,
+                        d1: sd * first as f32,
+                        m: -(sdmin * second as f32),
+                        sd,
+                        sdmin,
+                        sc: [first as i8, 0],
+                        mn: second,
+                    }
+                } else {
+                    let (s0, s1) = (first as i8, second as i8);
+                    Decoded {
+                        u,
+                        d0: sd * s0 as f32,
+                        d1: sd * s1 as f32,
+                        sd,
+                        sc: [s0, s1],
+                        ..Decoded::default()
+                    }
+                }
+            }
         }
     }
 
@@ -416,26 +455,45 @@ mod x86 {
 
     use super::*;
 
-    /// Scales of one block for 16 rows: (d0, d1, m) as f32.
-    macro_rules! scales {
-        ($scheme:expr, $s:expr, $cvt:ident, $load:ident, $lo:expr) => {{
-            let s = $s;
-            match $scheme {
-                Scheme::D16 => {
-                    let d = $cvt(s, 0);
-                    (d, d, $lo)
-                }
-                Scheme::D16M16 => {
-                    let d = $cvt(s, 0);
-                    (d, d, $cvt(s, 32))
-                }
-                Scheme::D32M32 => {
-                    let d = $load(s, 0);
-                    (d, d, $load(s, 64))
-                }
-                Scheme::D32x2 => ($load(s, 0), $load(s, 64), $lo),
+    /// Scales of block `b` for 16 rows: (d0, d1, m) as f32 (the K-quants' products
+    /// formed as the decoder forms them: `D·sc`, `−(Dmin·mn)`).
+    #[inline(always)]
+    unsafe fn scales512(scheme: Scheme, g: Group, b: usize) -> (__m512, __m512, __m512) {
+        let s = g.scales.add(b * scheme.bytes());
+        let zero = _mm512_setzero_ps();
+        let f16 = |p: *const u8| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let ints = |p: *const u8, signed: bool| {
+            let x = _mm_loadu_si128(p as *const __m128i);
+            _mm512_cvtepi32_ps(if signed {
+                _mm512_cvtepi8_epi32(x)
+            } else {
+                _mm512_cvtepu8_epi32(x)
+            })
+        };
+        match scheme {
+            Scheme::D16 => {
+                let d = f16(s);
+                (d, d, zero)
             }
-        }};
+            Scheme::D16M16 => {
+                let d = f16(s);
+                (d, d, f16(s.add(32)))
+            }
+            Scheme::K4 => {
+                let k = g.supers.add(b / 8 * 64);
+                let d = _mm512_mul_ps(f16(k), ints(s, false));
+                let m = _mm512_mul_ps(f16(k.add(32)), ints(s.add(16), false));
+                (d, d, _mm512_xor_ps(m, _mm512_set1_ps(-0.0)))
+            }
+            Scheme::K6 => {
+                let sd = f16(g.supers.add(b / 8 * 32));
+                (
+                    _mm512_mul_ps(sd, ints(s, true)),
+                    _mm512_mul_ps(sd, ints(s.add(16), true)),
+                    zero,
+                )
+            }
+        }
     }
 
     /// Asks for block `b`'s share of the next group's bytes, so that group streams in
@@ -451,15 +509,6 @@ mod x86 {
     }
 
     // ---- AVX-512 VNNI: 16 rows per register ----
-
-    #[inline(always)]
-    unsafe fn cvt16(s: *const u8, at: usize) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(s.add(at) as *const __m256i))
-    }
-    #[inline(always)]
-    unsafe fn load16(s: *const u8, at: usize) -> __m512 {
-        _mm512_loadu_ps(s.add(at) as *const f32)
-    }
 
     /// The 8 value registers (unsigned bytes, four elements of each row per 32-bit lane)
     /// of block `b`.
@@ -537,13 +586,7 @@ mod x86 {
         let biased = !scheme.has_min();
         for b in 0..nb {
             prefetch_next(g, b);
-            let (d, _, m) = scales!(
-                scheme,
-                g.scales.add(b * scheme.bytes()),
-                cvt16,
-                load16,
-                zero
-            );
+            let (d, _, m) = scales512(scheme, g, b);
             let mut dv = [zero; C];
             for c in 0..C {
                 let ab = a[c].get_unchecked(b);
@@ -604,13 +647,7 @@ mod x86 {
         for b in 0..nb {
             prefetch_next(g, b);
             let w = values512::<BITS>(g, b);
-            let (d0, d1, m) = scales!(
-                scheme,
-                g.scales.add(b * scheme.bytes()),
-                cvt16,
-                load16,
-                zero
-            );
+            let (d0, d1, m) = scales512(scheme, g, b);
             for c in 0..C {
                 let ab = a[c].get_unchecked(b);
                 let q = ab.qs.as_ptr() as *const i32;
@@ -628,7 +665,7 @@ mod x86 {
                     hi = _mm512_dpbusd_epi32(hi, w[p + 4], _mm512_set1_epi32(ah));
                 }
                 let da = _mm512_set1_ps(ab.d);
-                if scheme == Scheme::D32x2 {
+                if scheme.two_scales() {
                     acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d0, da), _mm512_cvtepi32_ps(lo), acc[c]);
                     acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d1, da), _mm512_cvtepi32_ps(hi), acc[c]);
                 } else {
@@ -752,15 +789,6 @@ mod x86 {
 
     // ---- AVX2: the same group as two halves of 8 rows ----
 
-    #[inline(always)]
-    unsafe fn cvt8(s: *const u8, at: usize) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(s.add(at) as *const __m128i))
-    }
-    #[inline(always)]
-    unsafe fn load8(s: *const u8, at: usize) -> __m256 {
-        _mm256_loadu_ps(s.add(at) as *const f32)
-    }
-
     /// Bits `4r + i` of a 32-bit mask (rows r of this half) as bytes 0 or `value`.
     #[inline(always)]
     unsafe fn expand(mask: u32, value: i8) -> __m256i {
@@ -814,24 +842,43 @@ mod x86 {
         }
     }
 
-    /// This half's scales (rows 8h..8h+8): (d0, d1, m).
+    /// This half's scales (rows 8h..8h+8) of block `b`: (d0, d1, m).
     #[inline(always)]
-    unsafe fn scales256(scheme: Scheme, s: *const u8, h: usize) -> (__m256, __m256, __m256) {
+    unsafe fn scales256(scheme: Scheme, g: Group, b: usize, h: usize) -> (__m256, __m256, __m256) {
+        let s = g.scales.add(b * scheme.bytes());
         let zero = _mm256_setzero_ps();
+        let f16 = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h) as *const __m128i));
+        let ints = |p: *const u8, signed: bool| {
+            let x = _mm_loadl_epi64(p.add(8 * h) as *const __m128i);
+            _mm256_cvtepi32_ps(if signed {
+                _mm256_cvtepi8_epi32(x)
+            } else {
+                _mm256_cvtepu8_epi32(x)
+            })
+        };
         match scheme {
             Scheme::D16 => {
-                let d = cvt8(s, 16 * h);
+                let d = f16(s);
                 (d, d, zero)
             }
             Scheme::D16M16 => {
-                let d = cvt8(s, 16 * h);
-                (d, d, cvt8(s, 32 + 16 * h))
+                let d = f16(s);
+                (d, d, f16(s.add(32)))
             }
-            Scheme::D32M32 => {
-                let d = load8(s, 32 * h);
-                (d, d, load8(s, 64 + 32 * h))
+            Scheme::K4 => {
+                let k = g.supers.add(b / 8 * 64);
+                let d = _mm256_mul_ps(f16(k), ints(s, false));
+                let m = _mm256_mul_ps(f16(k.add(32)), ints(s.add(16), false));
+                (d, d, _mm256_xor_ps(m, _mm256_set1_ps(-0.0)))
             }
-            Scheme::D32x2 => (load8(s, 32 * h), load8(s, 64 + 32 * h), zero),
+            Scheme::K6 => {
+                let sd = f16(g.supers.add(b / 8 * 32));
+                (
+                    _mm256_mul_ps(sd, ints(s, true)),
+                    _mm256_mul_ps(sd, ints(s.add(16), true)),
+                    zero,
+                )
+            }
         }
     }
 
@@ -864,7 +911,7 @@ mod x86 {
                     prefetch_next(g, b);
                 }
                 let w = values256::<BITS>(g, b, h);
-                let (d, _, m) = scales256(scheme, g.scales.add(b * scheme.bytes()), h);
+                let (d, _, m) = scales256(scheme, g, b, h);
                 for c in 0..C {
                     let ab = a[c].get_unchecked(b);
                     let q = ab.qs.as_ptr() as *const i32;
@@ -913,7 +960,7 @@ mod x86 {
                     prefetch_next(g, b);
                 }
                 let w = values256::<BITS>(g, b, h);
-                let (d0, d1, m) = scales256(scheme, g.scales.add(b * scheme.bytes()), h);
+                let (d0, d1, m) = scales256(scheme, g, b, h);
                 for c in 0..C {
                     let ab = a[c].get_unchecked(b);
                     let q = ab.qs.as_ptr() as *const i32;
@@ -930,7 +977,7 @@ mod x86 {
                         hi = _mm256_add_epi32(hi, lane_sum::<BITS>(w[p + 4], ah, ab.neg[p + 4]));
                     }
                     let da = _mm256_set1_ps(ab.d);
-                    if scheme == Scheme::D32x2 {
+                    if scheme.two_scales() {
                         acc[c] =
                             _mm256_fmadd_ps(_mm256_mul_ps(d0, da), _mm256_cvtepi32_ps(lo), acc[c]);
                         acc[c] =
