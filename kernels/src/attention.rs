@@ -436,7 +436,7 @@ mod decode512 {
             };
             max = max.max(*wj);
         }
-        super::softmax(w, p, max, true);
+        super::rows512::softmax16(w, p, max, total.div_ceil(16), true);
         let used = total.div_ceil(16);
         let padded = w.len() / 16;
         // Cells past `total` in the last block: zero (as the widened rows are).
@@ -623,6 +623,46 @@ mod rows512 {
         }
     }
 
+    /// [`super::softmax`] with [`expf16`]: the first `chunks` chunks of 16 scores hold
+    /// every seen key (the later ones, all −∞, give exact zeros to the sum and to `p`).
+    ///
+    /// # Safety
+    /// AVX-512F/DQ and F16C; `w` and `p` hold the same multiple of 16, at least
+    /// `16 · chunks`.
+    #[inline(always)]
+    pub(super) unsafe fn softmax16(
+        w: &mut [f32],
+        p: &mut [f32],
+        max: f32,
+        chunks: usize,
+        round: bool,
+    ) {
+        let mut sum = 0f64;
+        let maxb = _mm512_set1_ps(max);
+        for ch in 0..chunks {
+            let e = expf16(_mm512_sub_ps(
+                _mm512_loadu_ps(w.as_ptr().add(16 * ch)),
+                maxb,
+            ));
+            _mm512_storeu_ps(w.as_mut_ptr().add(16 * ch), e);
+            sum += reduce(e) as f64;
+        }
+        let inv = _mm512_set1_ps((1.0 / sum) as f32);
+        for ch in 0..p.len() / 16 {
+            let x = if ch < chunks {
+                let e = _mm512_mul_ps(_mm512_loadu_ps(w.as_ptr().add(16 * ch)), inv);
+                if round {
+                    _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(e))
+                } else {
+                    e
+                }
+            } else {
+                _mm512_setzero_ps()
+            };
+            _mm512_storeu_ps(p.as_mut_ptr().add(16 * ch), x);
+        }
+    }
+
     /// One query row of one head.
     ///
     /// # Safety
@@ -684,31 +724,7 @@ mod rows512 {
         }
         let lanes: [f32; 16] = std::mem::transmute(maxv);
         let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        // Softmax over the chunks that hold seen keys (the rest give exact zeros).
-        let mut sum = 0f64;
-        let maxb = _mm512_set1_ps(max);
-        for ch in 0..chunks {
-            let e = expf16(_mm512_sub_ps(
-                _mm512_loadu_ps(w.as_ptr().add(16 * ch)),
-                maxb,
-            ));
-            _mm512_storeu_ps(w.as_mut_ptr().add(16 * ch), e);
-            sum += reduce(e) as f64;
-        }
-        let inv = _mm512_set1_ps((1.0 / sum) as f32);
-        for ch in 0..padded / 16 {
-            let x = if ch < chunks {
-                let e = _mm512_mul_ps(_mm512_loadu_ps(w.as_ptr().add(16 * ch)), inv);
-                if round {
-                    _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(e))
-                } else {
-                    e
-                }
-            } else {
-                zero
-            };
-            _mm512_storeu_ps(p.as_mut_ptr().add(16 * ch), x);
-        }
+        softmax16(w, p, max, chunks, round);
         // Values, 16 dims at a time: lane x of dim d sums cells x, x+16, ... in order.
         let n = round_up64(visible);
         for d0 in (0..hd).step_by(16) {
