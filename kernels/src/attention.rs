@@ -245,6 +245,27 @@ pub fn attend_batch(calls: &mut [AttendCall<'_>], s: AttentionShape, scale: f32)
     }
 }
 
+/// Runs `task` on each `(row · heads + head, its head_dim outputs)` of `out`: across the
+/// pool with a scratch per worker, or in order with one scratch.
+fn for_each_head<S>(
+    out: &mut [f32],
+    hd: usize,
+    parallel: bool,
+    scratch: impl Fn() -> S + Sync + Send,
+    task: impl Fn(&mut S, (usize, &mut [f32])) + Sync + Send,
+) {
+    if parallel {
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each_init(scratch, task);
+    } else {
+        let mut sc = scratch();
+        out.chunks_mut(hd)
+            .enumerate()
+            .for_each(|item| task(&mut sc, item));
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attend_with(
     q: &[f32],
@@ -296,9 +317,8 @@ fn attend_with(
             "a block of the table lies outside the cache"
         );
         let first = s.window.map_or(0, |w| total.saturating_sub(w));
-        let head = |(h, o): (usize, &mut [f32])| {
-            let mut w = vec![0f32; padded];
-            let mut p = vec![0f32; padded];
+        let scratch = || (vec![0f32; padded], vec![0f32; padded]);
+        let head = |(w, p): &mut (Vec<f32>, Vec<f32>), (h, o): (usize, &mut [f32])| {
             let g = h / n_rep;
             // SAFETY: AVX-512 detected; the table covers `total` cells (asserted above).
             unsafe {
@@ -312,17 +332,13 @@ fn attend_with(
                     first,
                     total,
                     scale,
-                    &mut w,
-                    &mut p,
+                    w,
+                    p,
                     o,
                 )
             };
         };
-        if parallel {
-            out.par_chunks_mut(hd).enumerate().for_each(head);
-        } else {
-            out.chunks_mut(hd).enumerate().for_each(head);
-        }
+        for_each_head(out, hd, parallel, scratch, head);
         return;
     }
     WIDE.with(|cell| {
@@ -360,16 +376,7 @@ fn attend_with(
             };
             attend_head(task, &q[idx * hd..(idx + 1) * hd], scratch, o);
         };
-        if parallel {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each_init(scratch, head);
-        } else {
-            let mut sc = scratch();
-            out.chunks_mut(hd)
-                .enumerate()
-                .for_each(|item| head(&mut sc, item));
-        }
+        for_each_head(out, hd, parallel, scratch, head);
     });
 }
 
@@ -476,8 +483,6 @@ mod decode512 {
 #[cfg(target_arch = "x86_64")]
 mod rows512 {
     use std::arch::x86_64::*;
-
-    use rayon::prelude::*;
 
     use super::{round_up64, AttentionShape, KvView};
 
@@ -611,16 +616,7 @@ mod rows512 {
                 )
             }
         };
-        if parallel {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each_init(scratch, task);
-        } else {
-            let mut sc = scratch();
-            out.chunks_mut(hd)
-                .enumerate()
-                .for_each(|item| task(&mut sc, item));
-        }
+        super::for_each_head(out, hd, parallel, scratch, task);
     }
 
     /// [`super::softmax`] with [`expf16`]: the first `chunks` chunks of 16 scores hold
