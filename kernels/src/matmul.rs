@@ -89,47 +89,84 @@ impl QMatrix {
 
     /// `out[i * n + j] = dot(x row i, W row j)` for `m = x.len() / k` rows.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        self.matmul_parts(x, &mut [out]);
+    }
+
+    /// [`Self::matmul`] with the output columns split among `parts`: part `p` receives
+    /// the next `parts[p].len() / m` columns of every row, as a matrix of its own (the
+    /// q, k and v of a stacked projection, each where it is used, without a copy).
+    pub fn matmul_parts(&self, x: &[f32], parts: &mut [&mut [f32]]) {
         let (n, k) = (self.rows(), self.k);
         assert_eq!(x.len() % k, 0, "activation length is not a multiple of k");
         let m = x.len() / k;
-        assert_eq!(out.len(), m * n, "output length");
+        assert!(m > 0, "no activation rows");
+        let mut dest = Vec::with_capacity(parts.len());
+        let mut start = 0;
+        for part in parts.iter_mut() {
+            assert_eq!(part.len() % m, 0, "a part's length is not a multiple of m");
+            let width = part.len() / m;
+            dest.push((start, width, OutPtr(part.as_mut_ptr())));
+            start += width;
+        }
+        assert_eq!(start, n, "the parts' widths add up to the matrix's rows");
         let nb = k / QK;
         let bias = self.format().bias();
-        let mut acts = vec![Act::default(); m * nb];
-        if m > 1 {
-            acts.par_chunks_mut(nb)
-                .zip(x.par_chunks(k))
-                .for_each(|(q, row)| quantize_acts(row, bias, q));
-        } else {
-            quantize_acts(x, bias, &mut acts);
-        }
-        let ptr = OutPtr(out.as_mut_ptr());
-        let groups = self.packed.groups();
-        let per_task = (groups / (rayon::current_num_threads() * 4)).max(1);
-        let rows_a: Vec<&[Act]> = acts.chunks_exact(nb).collect();
-        (0..groups)
-            .into_par_iter()
-            .with_min_len(per_task)
-            .for_each_init(
-                || vec![[0f32; ROWS]; m],
-                |tile, g| {
-                    let p = ptr;
-                    let rows = (n - g * ROWS).min(ROWS);
-                    self.packed.group_dot(g, &rows_a, tile, true);
-                    for (c, t) in tile.iter().enumerate() {
-                        // SAFETY: c < m and g·16 + rows <= n, so the range lies in `out`;
-                        // rows g·16.. belong to this task alone.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                t.as_ptr(),
-                                p.0.add(c * n + g * ROWS),
-                                rows,
-                            )
-                        };
-                    }
-                },
-            );
+        ACTS.with(|cell| {
+            // A re-entrant call on this thread gets a buffer of its own.
+            let mut own = Vec::new();
+            let mut borrowed = cell.try_borrow_mut();
+            let acts = match borrowed.as_deref_mut() {
+                Ok(b) => b,
+                Err(_) => &mut own,
+            };
+            acts.resize(m * nb, Act::default());
+            let acts = &mut acts[..m * nb];
+            if m > 1 {
+                acts.par_chunks_mut(nb)
+                    .zip(x.par_chunks(k))
+                    .for_each(|(q, row)| quantize_acts(row, bias, q));
+            } else {
+                quantize_acts(x, bias, acts);
+            }
+            let rows_a: Vec<&[Act]> = acts.chunks_exact(nb).collect();
+            let groups = self.packed.groups();
+            let per_task = (groups / (rayon::current_num_threads() * 4)).max(1);
+            let dest = &dest[..];
+            (0..groups)
+                .into_par_iter()
+                .with_min_len(per_task)
+                .for_each_init(
+                    || vec![[0f32; ROWS]; m],
+                    |tile, g| {
+                        let (lo, hi) = (g * ROWS, (g * ROWS + ROWS).min(n));
+                        self.packed.group_dot(g, &rows_a, tile, true);
+                        for &(start, width, p) in dest {
+                            let (a, b) = (lo.max(start), hi.min(start + width));
+                            if a >= b {
+                                continue;
+                            }
+                            for (c, t) in tile.iter().enumerate() {
+                                // SAFETY: c < m and start <= a < b <= start + width, so
+                                // the range lies in the part (m × width); columns a..b
+                                // belong to this task's group alone.
+                                unsafe {
+                                    std::ptr::copy_nonoverlapping(
+                                        t.as_ptr().add(a - lo),
+                                        p.0.add(c * width + a - start),
+                                        b - a,
+                                    )
+                                };
+                            }
+                        }
+                    },
+                );
+        });
     }
+}
+
+thread_local! {
+    /// Each thread's buffer of quantized activation rows, reused from call to call.
+    static ACTS: std::cell::RefCell<Vec<Act>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Raw output pointer shared by tasks that write disjoint elements.
@@ -184,6 +221,15 @@ mod tests {
                 let want = dot_ref(QFormat::Q4_1, &row, &a);
                 assert_eq!(out[i * n + r].to_bits(), want.to_bits(), "row {i} col {r}");
             }
+        }
+        // Split among parts: the same numbers, each part a matrix of its own columns.
+        let (mut a, mut b, mut c) = (vec![0f32; m * 5], vec![0f32; m * 16], vec![0f32; m * 16]);
+        w.matmul_parts(&x, &mut [&mut a, &mut b, &mut c]);
+        for i in 0..m {
+            let row = &out[i * n..(i + 1) * n];
+            assert_eq!(&a[i * 5..(i + 1) * 5], &row[..5]);
+            assert_eq!(&b[i * 16..(i + 1) * 16], &row[5..21]);
+            assert_eq!(&c[i * 16..(i + 1) * 16], &row[21..]);
         }
         // Batching does not change any row's result.
         let mut single = vec![0f32; n];

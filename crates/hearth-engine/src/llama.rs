@@ -39,23 +39,25 @@ enum Linear {
 impl Linear {
     /// `m` rows of input features in, `m` rows of output features out (CPU).
     fn forward_host(&self, x: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
-        match self {
+        let mut out = Vec::new();
+        self.forward_into(x, m, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::forward_host`] into `out` (resized), reusing its allocation.
+    fn forward_into(&self, x: &[f32], m: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
+        let input = || Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu);
+        let product = match self {
             Linear::Native(w) => {
-                let mut out = vec![0f32; m * w.rows()];
-                w.matmul(x, &mut out);
-                Ok(out)
+                out.resize(m * w.rows(), 0.0);
+                w.matmul(x, out);
+                return Ok(());
             }
-            Linear::Candle(q, _) => {
-                let k = x.len() / m;
-                let t = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
-                Ok(q.forward(&t)?.flatten_all()?.to_vec1::<f32>()?)
-            }
-            Linear::Dense(w) => {
-                let k = x.len() / m;
-                let t = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
-                Ok(dense(&t, w)?.flatten_all()?.to_vec1::<f32>()?)
-            }
-        }
+            Linear::Candle(q, _) => q.forward(&input()?)?,
+            Linear::Dense(w) => dense(&input()?, w)?,
+        };
+        *out = product.flatten_all()?.to_vec1::<f32>()?;
+        Ok(())
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
@@ -116,31 +118,40 @@ enum Fused<const N: usize> {
 
 impl<const N: usize> Fused<N> {
     fn forward_host(&self, x: &[f32], m: usize) -> Result<[Vec<f32>; N], EngineError> {
+        let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        self.forward_into(x, m, out.each_mut())?;
+        Ok(out)
+    }
+
+    /// [`Self::forward_host`] into `out` (resized), reusing their allocations; a stacked
+    /// matrix writes each projection's columns straight into its own buffer.
+    fn forward_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: [&mut Vec<f32>; N],
+    ) -> Result<(), EngineError> {
         match self {
             Fused::Stacked(w, rows) => {
-                let total = w.rows();
-                let mut all = vec![0f32; m * total];
-                w.matmul(x, &mut all);
-                let mut starts = [0usize; N];
-                for i in 1..N {
-                    starts[i] = starts[i - 1] + rows[i - 1];
-                }
-                Ok(std::array::from_fn(|p| {
-                    let mut out = Vec::with_capacity(m * rows[p]);
-                    for row in all.chunks_exact(total) {
-                        out.extend_from_slice(&row[starts[p]..starts[p] + rows[p]]);
-                    }
-                    out
-                }))
+                let mut parts: [&mut [f32]; N] = out
+                    .into_iter()
+                    .zip(rows)
+                    .map(|(o, &r)| {
+                        o.resize(m * r, 0.0);
+                        &mut o[..]
+                    })
+                    .collect::<Vec<_>>()
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("N parts"));
+                w.matmul_parts(x, &mut parts);
             }
             Fused::Separate(ws) => {
-                let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-                for (o, w) in out.iter_mut().zip(ws) {
-                    *o = w.forward_host(x, m)?;
+                for (o, w) in out.into_iter().zip(ws) {
+                    w.forward_into(x, m, o)?;
                 }
-                Ok(out)
             }
         }
+        Ok(())
     }
 
     fn forward(&self, x: &Tensor) -> Result<[Tensor; N], EngineError> {
@@ -693,9 +704,13 @@ impl Llama {
         let mut att = vec![0f32; rows * qw];
         // q or k before its per-head norm (Qwen3), reused across layers.
         let mut head_src = Vec::new();
+        // Every layer's outputs, in buffers allocated once per step.
+        let (mut q, mut k, mut v, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new());
         for (layer, b) in self.blocks.iter().enumerate() {
             rms_norm(&x, &b.attn_norm.host, c.rms_norm_eps, &mut normed);
-            let [mut q, mut k, mut v] = b.qkv.forward_host(&normed, rows)?;
+            b.qkv
+                .forward_into(&normed, rows, [&mut q, &mut k, &mut v])?;
             if let Some(bias) = &b.qkv_bias {
                 for (t, bias) in [&mut q, &mut k, &mut v].into_iter().zip(bias) {
                     for row in t.chunks_exact_mut(bias.host.len()) {
@@ -749,13 +764,14 @@ impl Llama {
             }
             attend_batch(&mut calls, shape, scale);
             drop(calls);
-            let o = b.wo.forward_host(&att, rows)?;
+            b.wo.forward_into(&att, rows, &mut o)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             rms_norm(&x, &b.ffn_norm.host, c.rms_norm_eps, &mut normed);
-            let [mut gate, up] = b.gate_up.forward_host(&normed, rows)?;
+            b.gate_up
+                .forward_into(&normed, rows, [&mut gate, &mut up])?;
             swiglu_in_place(&mut gate, &up);
-            let down = b.w_down.forward_host(&gate, rows)?;
+            b.w_down.forward_into(&gate, rows, &mut down)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
         // The last row of every item, through the final norm and the output projection
