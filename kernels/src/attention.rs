@@ -317,28 +317,39 @@ fn attend_with(
             "a block of the table lies outside the cache"
         );
         let first = s.window.map_or(0, |w| total.saturating_sub(w));
-        let scratch = || (vec![0f32; padded], vec![0f32; padded]);
-        let head = |(w, p): &mut (Vec<f32>, Vec<f32>), (h, o): (usize, &mut [f32])| {
+        // Query heads sharing a KV head go together, as many as keep their registers
+        // (queries and accumulators) within the 32 of AVX-512.
+        let most = if hd == 64 { 4 } else { 2 };
+        let group = (1..=most)
+            .rev()
+            .find(|r| n_rep.is_multiple_of(*r))
+            .unwrap_or(1);
+        let scratch = || (vec![0f32; group * padded], vec![0f32; group * padded]);
+        let head = |(w, p): &mut (Vec<f32>, Vec<f32>), (i, o): (usize, &mut [f32])| {
+            let h = i * group;
             let g = h / n_rep;
-            // SAFETY: AVX-512 detected; the table covers `total` cells (asserted above).
+            let q = &q[h * hd..(h + group) * hd];
+            let (blocks, offset, width) = (kv.blocks, g * hd, s.kv_heads * hd);
+            // SAFETY: AVX-512 detected; the table covers `total` cells (asserted above);
+            // `group` divides the heads of a KV head, so the `group` heads share `g`.
             unsafe {
-                decode512::head(
-                    &q[h * hd..(h + 1) * hd],
-                    kc,
-                    vc,
-                    kv.blocks,
-                    g * hd,
-                    s.kv_heads * hd,
-                    first,
-                    total,
-                    scale,
-                    w,
-                    p,
-                    o,
-                )
-            };
+                match group {
+                    1 => decode512::heads::<1>(
+                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
+                    ),
+                    2 => decode512::heads::<2>(
+                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
+                    ),
+                    3 => decode512::heads::<3>(
+                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
+                    ),
+                    _ => decode512::heads::<4>(
+                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
+                    ),
+                }
+            }
         };
-        for_each_head(out, hd, parallel, scratch, head);
+        for_each_head(out, group * hd, parallel, scratch, head);
         return;
     }
     WIDE.with(|cell| {
@@ -380,29 +391,70 @@ fn attend_with(
     });
 }
 
-/// One query row of one head over an f16 cache with 16-cell blocks, reading the cells in
-/// place: exactly the operations of [`attend_head`] on widened rows (`dot_vec`'s four
-/// accumulators of 16 lanes: one 16-cell block per accumulator in turn for the values;
-/// `reduce16`'s tree), without converting the sequence's whole cache to f32 first.
+/// One query row of `R` heads that share a KV head, over an f16 cache with 16-cell
+/// blocks, reading the cells in place: for each head exactly the operations of
+/// [`attend_head`] on widened rows (`dot_vec`'s four accumulators of 16 lanes: one 16-cell
+/// block per accumulator in turn for the values; `reduce16`'s tree), without converting
+/// the sequence's cache to f32 first. Each key and value register is loaded once for the
+/// `R` heads, and the horizontal sums of 16 cells (or 16 output dims) run as one
+/// transposing tree ([`sums16`]) instead of 16 one-register reductions.
 #[cfg(target_arch = "x86_64")]
 mod decode512 {
     use std::arch::x86_64::*;
 
     use half::f16;
 
-    use super::rows512::reduce;
-
     #[inline(always)]
     unsafe fn wide(p: *const f16) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 
+    /// Lane `j` = `reduce(f[j])` (`rows512::reduce`'s tree: halves of 8, then 4, then
+    /// `(0+2) + (1+3)`), for 16 registers at once: each stage adds the same pairs, with
+    /// shuffles gathering them from two registers into one.
+    #[inline(always)]
+    pub(super) unsafe fn sums16(f: &[__m512; 16]) -> __m512 {
+        // t3 = v[i] + v[i+8]: two registers' halves side by side.
+        let s: [__m512; 8] = std::array::from_fn(|a| {
+            let (x, y) = (f[2 * a], f[2 * a + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x, y),
+                _mm512_shuffle_f32x4::<0xee>(x, y),
+            )
+        });
+        // t6 = t3[i] + t3[i+4]: quarters hold cells 4b..4b+4.
+        let u: [__m512; 4] = std::array::from_fn(|b| {
+            let (x, y) = (s[2 * b], s[2 * b + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(x, y),
+                _mm512_shuffle_f32x4::<0xdd>(x, y),
+            )
+        });
+        // r = t6[i] + t6[i+2]: quarter q holds cells (8c + q, 8c + 4 + q).
+        let v: [__m512; 2] = std::array::from_fn(|c| {
+            let (x, y) = (u[2 * c], u[2 * c + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(x, y),
+                _mm512_shuffle_ps::<0xee>(x, y),
+            )
+        });
+        // r[0] + r[1]: lane 4q + e holds cell q + 4e; put cell j in lane j.
+        let z = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(v[0], v[1]),
+            _mm512_shuffle_ps::<0xdd>(v[0], v[1]),
+        );
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, z)
+    }
+
     /// # Safety
-    /// AVX-512F/DQ and F16C; `blocks` covers `total` cells of 16; `w`, `p` hold
-    /// `total` rounded up to 64; `q`, `out` hold a multiple of 64.
-    #[allow(clippy::too_many_arguments)]
+    /// AVX-512F/DQ and F16C; `q` holds `R` heads of `hd` (64 or 128); `blocks` covers
+    /// `total` cells of 16; `w`, `p` hold `R` × (`total` rounded up to 64); `out` holds
+    /// `R · hd`.
+    // `r` indexes the heads' parallel arrays of registers (queries, accumulators, sums).
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
-    pub(super) unsafe fn head(
+    pub(super) unsafe fn heads<const R: usize>(
         q: &[f32],
         k: &[f16],
         v: &[f16],
@@ -416,60 +468,88 @@ mod decode512 {
         p: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = q.len();
-        // The query meets the keys as f16.
-        let mut qf = [_mm512_setzero_ps(); 8];
-        for (c, qc) in qf.iter_mut().enumerate().take(hd / 16) {
-            let x = _mm512_loadu_ps(q.as_ptr().add(16 * c));
-            *qc = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
-        }
+        let hd = q.len() / R;
+        let chunks = hd / 16;
         let zero = _mm512_setzero_ps();
-        let mut max = f32::NEG_INFINITY;
-        for (j, wj) in w.iter_mut().enumerate() {
-            *wj = if j >= first && j < total {
-                let cell = blocks[j / 16] as usize * 16 + j % 16;
-                let key = k.as_ptr().add(cell * width + offset);
-                let mut acc = [zero; 4];
+        // The queries meet the keys as f16.
+        let mut qf = [[zero; 8]; R];
+        for (r, qr) in qf.iter_mut().enumerate() {
+            for (c, qc) in qr.iter_mut().enumerate().take(chunks) {
+                let x = _mm512_loadu_ps(q.as_ptr().add(r * hd + 16 * c));
+                *qc = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+            }
+        }
+        let used = total.div_ceil(16);
+        let padded = w.len() / R;
+        let (w, p) = (w.as_mut_ptr(), p.as_mut_ptr());
+        let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); R];
+        let mut f = [[zero; 16]; R];
+        for (bi, &block) in blocks.iter().enumerate().take(used) {
+            for (x, fx) in (0..16).zip(0..) {
+                let key = k.as_ptr().add((block as usize * 16 + x) * width + offset);
+                let mut acc = [[zero; 4]; R];
                 for c in 0..hd / 64 {
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let x = wide(key.add(64 * c + 16 * i));
-                        *a = _mm512_fmadd_ps(x, qf[4 * c + i], *a);
+                    for i in 0..4 {
+                        let kx = wide(key.add(64 * c + 16 * i));
+                        for r in 0..R {
+                            acc[r][i] = _mm512_fmadd_ps(kx, qf[r][4 * c + i], acc[r][i]);
+                        }
                     }
                 }
-                let f = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
-                reduce(f) * scale
-            } else {
-                f32::NEG_INFINITY
-            };
-            max = max.max(*wj);
+                for r in 0..R {
+                    let a = &acc[r];
+                    f[r][fx] = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+                }
+            }
+            // Cells before the window or past the sequence: −∞.
+            let j0 = 16 * bi;
+            let seen = |j: usize| j >= first && j < total;
+            let mask = (0..16).fold(0u16, |m, x| m | ((seen(j0 + x) as u16) << x));
+            for r in 0..R {
+                let sc = _mm512_mul_ps(sums16(&f[r]), _mm512_set1_ps(scale));
+                let sc = _mm512_mask_blend_ps(mask, _mm512_set1_ps(f32::NEG_INFINITY), sc);
+                _mm512_storeu_ps(w.add(r * padded + j0), sc);
+                // max(s, m) keeps m where s is NaN, as `f32::max` does.
+                max[r] = _mm512_max_ps(sc, max[r]);
+            }
         }
-        super::rows512::softmax16(w, p, max, total.div_ceil(16), true);
-        let used = total.div_ceil(16);
-        let padded = w.len() / 16;
-        // Cells past `total` in the last block: zero (as the widened rows are).
+        for r in 0..R {
+            let (wr, pr) = (
+                std::slice::from_raw_parts_mut(w.add(r * padded), padded),
+                std::slice::from_raw_parts_mut(p.add(r * padded), padded),
+            );
+            super::rows512::softmax16(wr, pr, _mm512_reduce_max_ps(max[r]), used, true);
+        }
+        // Cells past `total` in the last block: zero (as the widened rows are). Blocks past
+        // the last add `0 · 0` to a +0-started accumulator: nothing, so they are skipped.
         let tail: __mmask16 = if total.is_multiple_of(16) {
             0xffff
         } else {
             (1u16 << (total % 16)) - 1
         };
-        for (d, o) in out.iter_mut().enumerate() {
-            let mut acc = [zero; 4];
-            for bi in 0..padded {
-                let x = if bi < used {
-                    let row = (blocks[bi] as usize * width + offset + d) * 16;
+        for d0 in (0..hd).step_by(16) {
+            for (d, fd) in (d0..d0 + 16).zip(0..) {
+                let mut acc = [[zero; 4]; R];
+                for (bi, &block) in blocks.iter().enumerate().take(used) {
+                    let row = (block as usize * width + offset + d) * 16;
                     let m = if bi + 1 == used { tail } else { 0xffff };
-                    _mm512_maskz_cvtph_ps(
+                    let x = _mm512_maskz_cvtph_ps(
                         m,
                         _mm256_loadu_si256(v.as_ptr().add(row) as *const __m256i),
-                    )
-                } else {
-                    zero
-                };
-                let pv = _mm512_loadu_ps(p.as_ptr().add(16 * bi));
-                acc[bi % 4] = _mm512_fmadd_ps(x, pv, acc[bi % 4]);
+                    );
+                    for r in 0..R {
+                        let pv = _mm512_loadu_ps(p.add(r * padded + 16 * bi));
+                        acc[r][bi % 4] = _mm512_fmadd_ps(x, pv, acc[r][bi % 4]);
+                    }
+                }
+                for r in 0..R {
+                    let a = &acc[r];
+                    f[r][fd] = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+                }
             }
-            let f = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
-            *o = reduce(f);
+            for r in 0..R {
+                _mm512_storeu_ps(out.as_mut_ptr().add(r * hd + d0), sums16(&f[r]));
+            }
         }
     }
 }
@@ -963,11 +1043,13 @@ mod tests {
     #[test]
     fn in_place_decode_equals_the_widened_path_bit_for_bit() {
         let bs = 16;
-        for hd in [64usize, 128] {
+        // Query heads per KV head 3, 4 and 1: grouped by 3, 4 or 2 (head size 128), and 1.
+        let shapes = [(6, 2), (8, 2), (2, 2)];
+        for ((heads, kv_heads), hd) in shapes.into_iter().flat_map(|h| [(h, 64), (h, 128)]) {
             for window in [None, Some(5)] {
                 let s = AttentionShape {
-                    heads: 6,
-                    kv_heads: 2,
+                    heads,
+                    kv_heads,
                     head_dim: hd,
                     window,
                 };
@@ -1010,6 +1092,42 @@ mod tests {
                         );
                     }
                     assert!(fast.iter().all(|x| x.is_finite()));
+                }
+            }
+        }
+    }
+
+    /// The transposing tree gives each register's own `reduce`, bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_sums_at_once_equal_one_at_a_time() {
+        use std::arch::x86_64::*;
+        if !crate::has_avx512_vnni() {
+            return;
+        }
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            // Magnitudes over many binades, so that the order of the additions shows.
+            let m = ((rng >> 8) % 2000) as f32 / 1000.0 - 1.0;
+            m * 2f32.powi((rng % 24) as i32 - 12)
+        };
+        for _ in 0..200 {
+            let vals: Vec<f32> = (0..256).map(|_| next()).collect();
+            // SAFETY: AVX-512 detected above.
+            unsafe {
+                let f: [__m512; 16] =
+                    std::array::from_fn(|j| _mm512_loadu_ps(vals.as_ptr().add(16 * j)));
+                let mut got = [0f32; 16];
+                _mm512_storeu_ps(got.as_mut_ptr(), decode512::sums16(&f));
+                for j in 0..16 {
+                    assert_eq!(
+                        got[j].to_bits(),
+                        rows512::reduce(f[j]).to_bits(),
+                        "lane {j}"
+                    );
                 }
             }
         }

@@ -753,8 +753,10 @@ mod x86 {
                 Ok(b) => b,
                 Err(_) => &mut own,
             };
-            buf.clear();
-            buf.resize(8 * nb, _mm512_setzero_si512());
+            // Every register is written below before it is read: grow only.
+            if buf.len() < 8 * nb {
+                buf.resize(8 * nb, _mm512_setzero_si512());
+            }
             macro_rules! unpack {
                 ($bits:literal) => {
                     for b in 0..nb {
