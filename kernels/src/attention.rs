@@ -530,16 +530,24 @@ mod decode512 {
         for d0 in (0..hd).step_by(16) {
             for (d, fd) in (d0..d0 + 16).zip(0..) {
                 let mut acc = [[zero; 4]; R];
-                for (bi, &block) in blocks.iter().enumerate().take(used) {
-                    let row = (block as usize * width + offset + d) * 16;
-                    let m = if bi + 1 == used { tail } else { 0xffff };
-                    let x = _mm512_maskz_cvtph_ps(
-                        m,
-                        _mm256_loadu_si256(v.as_ptr().add(row) as *const __m256i),
-                    );
-                    for r in 0..R {
-                        let pv = _mm512_loadu_ps(p.add(r * padded + 16 * bi));
-                        acc[r][bi % 4] = _mm512_fmadd_ps(x, pv, acc[r][bi % 4]);
+                // Block `bi` into accumulator `bi % 4`, four blocks a round so that the
+                // accumulator's index is a constant (registers, not the stack).
+                for b4 in (0..used).step_by(4) {
+                    for i in 0..4 {
+                        let bi = b4 + i;
+                        if bi >= used {
+                            break;
+                        }
+                        let row = (blocks[bi] as usize * width + offset + d) * 16;
+                        let m = if bi + 1 == used { tail } else { 0xffff };
+                        let x = _mm512_maskz_cvtph_ps(
+                            m,
+                            _mm256_loadu_si256(v.as_ptr().add(row) as *const __m256i),
+                        );
+                        for r in 0..R {
+                            let pv = _mm512_loadu_ps(p.add(r * padded + 16 * bi));
+                            acc[r][i] = _mm512_fmadd_ps(x, pv, acc[r][i]);
+                        }
                     }
                 }
                 for r in 0..R {
