@@ -12,8 +12,8 @@
 //! value dot runs along contiguous cells. Block boundaries do not change any sum: rows are
 //! gathered into one scratch row before each dot.
 
+use crate::team;
 use half::f16;
-use rayon::prelude::*;
 
 use crate::math::{expf, reduce16, widen_f16};
 
@@ -239,9 +239,18 @@ pub fn attend_batch(calls: &mut [AttendCall<'_>], s: AttentionShape, scale: f32)
         attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, true, true);
     }
     if singles > 1 {
-        calls.par_iter_mut().filter(|c| c.seq == 1).for_each(|c| {
-            attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, false, true);
-        });
+        team::for_each_chunk_mut(
+            calls,
+            1,
+            || (),
+            |_, _, c| {
+                if let [c] = c {
+                    if c.seq == 1 {
+                        attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, false, true);
+                    }
+                }
+            },
+        );
     }
 }
 
@@ -255,9 +264,7 @@ fn for_each_head<S>(
     task: impl Fn(&mut S, (usize, &mut [f32])) + Sync + Send,
 ) {
     if parallel {
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each_init(scratch, task);
+        team::for_each_chunk_mut(out, hd, scratch, |sc, i, o| task(sc, (i, o)));
     } else {
         let mut sc = scratch();
         out.chunks_mut(hd)
@@ -861,8 +868,8 @@ fn widen(
         row[total..].fill(0.0);
     };
     if parallel {
-        kf.par_chunks_mut(total * hd).enumerate().for_each(keys);
-        vf.par_chunks_mut(padded).enumerate().for_each(values);
+        team::for_each_chunk_mut(kf, total * hd, || (), |_, i, c| keys((i, c)));
+        team::for_each_chunk_mut(vf, padded, || (), |_, i, c| values((i, c)));
     } else {
         kf.chunks_mut(total * hd).enumerate().for_each(keys);
         vf.chunks_mut(padded).enumerate().for_each(values);

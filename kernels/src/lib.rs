@@ -3,6 +3,9 @@
 //! the quantized matmul, rope, attention over an f16 KV cache, and the elementwise math
 //! (expf, SiLU, RMS norm).
 //!
+//! Parallel loops run on [`team`], a pool that spins between the short loops of a step
+//! and parks when the work stops.
+//!
 //! Pure functions over slices. Every SIMD path (AVX-512 VNNI, AVX2, picked at run time)
 //! has a scalar twin that computes the *same* floating-point operations in the same order
 //! (accumulator lanes, fused multiply-adds, horizontal sums), so they agree bit for bit
@@ -45,6 +48,7 @@ pub mod matmul;
 pub mod packed;
 pub mod quantize;
 pub mod rope;
+pub mod team;
 
 pub use formats::QK;
 pub use matmul::{QFormat, QMatrix, QMatrixError};

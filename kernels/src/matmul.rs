@@ -3,11 +3,10 @@
 //! row; each task owns a range of 16-row groups and runs every activation row against a
 //! group while it is in cache, so a batch of m rows reads the weights once, not m times.
 
-use rayon::prelude::*;
-
 pub use crate::formats::QFormat;
 use crate::formats::{dequantize, QK};
 use crate::packed::{quantize_acts, Act, Packed, ROWS};
+use crate::team;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum QMatrixError {
@@ -122,9 +121,12 @@ impl QMatrix {
             acts.resize(m * nb, Act::default());
             let acts = &mut acts[..m * nb];
             if m > 1 {
-                acts.par_chunks_mut(nb)
-                    .zip(x.par_chunks(k))
-                    .for_each(|(q, row)| quantize_acts(row, bias, q));
+                team::for_each_chunk_mut(
+                    acts,
+                    nb,
+                    || (),
+                    |_, r, q| quantize_acts(&x[r * k..(r + 1) * k], bias, q),
+                );
             } else {
                 quantize_acts(x, bias, acts);
             }
@@ -132,12 +134,11 @@ impl QMatrix {
             let groups = self.packed.groups();
             let per_task = (groups / (rayon::current_num_threads() * 4)).max(1);
             let dest = &dest[..];
-            (0..groups)
-                .into_par_iter()
-                .with_min_len(per_task)
-                .for_each_init(
-                    || vec![[0f32; ROWS]; m],
-                    |tile, g| {
+            team::for_each_init(
+                groups.div_ceil(per_task),
+                || vec![[0f32; ROWS]; m],
+                |tile, t| {
+                    for g in t * per_task..((t + 1) * per_task).min(groups) {
                         let (lo, hi) = (g * ROWS, (g * ROWS + ROWS).min(n));
                         self.packed.group_dot(g, &rows_a, tile, true);
                         for &(start, width, p) in dest {
@@ -158,8 +159,9 @@ impl QMatrix {
                                 };
                             }
                         }
-                    },
-                );
+                    }
+                },
+            );
         });
     }
 }
