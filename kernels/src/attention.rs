@@ -574,12 +574,13 @@ mod decode512 {
 /// transposed (`[kv_head][d][cell]`) so that one register holds lane `x` of 16 keys'
 /// score accumulators, and the values cell-major (`[kv_head][cell][d]`) so that one
 /// register holds lane `x` of 16 output dims; `reduce16`'s tree then runs across
-/// registers. The softmax uses [`expf16`], ggml's `expf` on 16 lanes.
+/// registers. The softmax uses [`crate::math::x86::expf16`], ggml's `expf` on 16 lanes.
 #[cfg(target_arch = "x86_64")]
 mod rows512 {
     use std::arch::x86_64::*;
 
     use super::{round_up64, AttentionShape, KvView};
+    use crate::math::x86::expf16;
 
     /// `reduce16`'s tree across 16 registers: lane `k` of the result is
     /// `reduce16([l[0][k], …, l[15][k]])`.
@@ -597,35 +598,6 @@ mod rows512 {
         let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
         let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
         _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
-    }
-
-    /// [`crate::math::expf`] on 16 lanes: the same fused multiply-adds, and `vscalefps`
-    /// for the one correctly rounded `j · 2^n` the scalar code gets through f64.
-    #[inline(always)]
-    pub(super) unsafe fn expf16(x: __m512) -> __m512 {
-        let c = |b: u32| _mm512_set1_ps(f32::from_bits(b));
-        let r = c(0x4b40_0000);
-        let z = _mm512_fmadd_ps(x, c(0x3fb8_aa3b), r);
-        let n = _mm512_sub_ps(z, r);
-        let neg = _mm512_xor_ps(n, _mm512_set1_ps(-0.0));
-        let b = _mm512_fmadd_ps(neg, c(0x35bf_be8e), _mm512_fmadd_ps(neg, c(0x3f31_7200), x));
-        let u = _mm512_mul_ps(b, b);
-        let j = _mm512_fmadd_ps(
-            _mm512_fmadd_ps(
-                _mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
-                u,
-                _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
-            ),
-            u,
-            _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
-        );
-        let scaled = _mm512_scalef_ps(j, n);
-        let abs = _mm512_andnot_ps(_mm512_set1_ps(-0.0), n);
-        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(abs, _mm512_set1_ps(192.0));
-        let nonpos = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
-        let saturated =
-            _mm512_mask_blend_ps(nonpos, _mm512_set1_ps(f32::INFINITY), _mm512_setzero_ps());
-        _mm512_mask_blend_ps(big, scaled, saturated)
     }
 
     /// Keys `[kv_head][d][cell]` and values `[kv_head][cell][d]`, `padded` cells each,
@@ -1259,7 +1231,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512dq,fma")]
     unsafe fn expf16_for_test(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-        rows512::expf16(x)
+        crate::math::x86::expf16(x)
     }
 
     /// Prompt rows (several query rows) on the AVX-512 path give the bits of the tiled

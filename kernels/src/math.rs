@@ -57,18 +57,57 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(0.0 - x))
 }
 
+/// `gate[i] = silu(gate[i]) * up[i]`; long inputs spread over the compute team.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up differ in length");
+    const CHUNK: usize = 4096;
+    if gate.len() <= CHUNK {
+        return swiglu_chunk(gate, up);
+    }
+    crate::team::for_each_chunk_mut(
+        gate,
+        CHUNK,
+        || (),
+        |_, i, g| swiglu_chunk(g, &up[i * CHUNK..i * CHUNK + g.len()]),
+    );
+}
+
+fn swiglu_chunk(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx512_vnni() {
+        // SAFETY: AVX-512 detected; equal lengths (checked by the caller).
+        return unsafe { x86::swiglu512(gate, up) };
+    }
+    swiglu_plain(gate, up);
+}
+
 multiversion! {
-    /// `gate[i] = silu(gate[i]) * up[i]`.
-    pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    /// [`swiglu_in_place`] one element at a time (the specification of the vector path).
+    fn swiglu_plain(gate: &mut [f32], up: &[f32]) {
         for (g, &u) in gate.iter_mut().zip(up) {
             *g = silu(*g) * u;
         }
     }
 }
 
+/// RMS norm of each row of `x` (length `w.len()`), scaled by `w`, into `out`; several
+/// rows spread over the compute team (each row's arithmetic is the same either way).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    assert_eq!(x.len(), out.len(), "input and output differ in length");
+    if x.len() <= 4 * n {
+        return rms_norm_rows(x, w, eps, out);
+    }
+    crate::team::for_each_chunk_mut(
+        out,
+        4 * n,
+        || (),
+        |_, i, o| rms_norm_rows(&x[i * 4 * n..i * 4 * n + o.len()], w, eps, o),
+    );
+}
+
 multiversion! {
-    /// RMS norm of each row of `x` (length `w.len()`), scaled by `w`, into `out`.
-    pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let n = w.len();
         for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
             let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
@@ -78,6 +117,58 @@ multiversion! {
                 *o = (v * scale) * wi;
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::expf`] on 16 lanes: the same fused multiply-adds, and `vscalefps`
+    /// for the one correctly rounded `j · 2^n` the scalar code gets through f64.
+    #[inline(always)]
+    pub(crate) unsafe fn expf16(x: __m512) -> __m512 {
+        let c = |b: u32| _mm512_set1_ps(f32::from_bits(b));
+        let r = c(0x4b40_0000);
+        let z = _mm512_fmadd_ps(x, c(0x3fb8_aa3b), r);
+        let n = _mm512_sub_ps(z, r);
+        let neg = _mm512_xor_ps(n, _mm512_set1_ps(-0.0));
+        let b = _mm512_fmadd_ps(neg, c(0x35bf_be8e), _mm512_fmadd_ps(neg, c(0x3f31_7200), x));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+                u,
+                _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+            ),
+            u,
+            _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
+        );
+        let scaled = _mm512_scalef_ps(j, n);
+        let abs = _mm512_andnot_ps(_mm512_set1_ps(-0.0), n);
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(abs, _mm512_set1_ps(192.0));
+        let nonpos = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
+        let saturated =
+            _mm512_mask_blend_ps(nonpos, _mm512_set1_ps(f32::INFINITY), _mm512_setzero_ps());
+        _mm512_mask_blend_ps(big, scaled, saturated)
+    }
+
+    /// [`super::swiglu_plain`] 16 lanes at a time: the same operations (IEEE division).
+    ///
+    /// # Safety
+    /// AVX-512F/DQ; `gate.len() == up.len()`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512dq")]
+    pub(super) unsafe fn swiglu512(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len() / 16 * 16;
+        let (zero, one) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0));
+        for i in (0..n).step_by(16) {
+            let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let e = expf16(_mm512_sub_ps(zero, g));
+            let s = _mm512_div_ps(g, _mm512_add_ps(one, e));
+            let r = _mm512_mul_ps(s, _mm512_loadu_ps(up.as_ptr().add(i)));
+            _mm512_storeu_ps(gate.as_mut_ptr().add(i), r);
+        }
+        super::swiglu_plain(&mut gate[n..], &up[n..]);
     }
 }
 
@@ -98,6 +189,45 @@ pub fn reduce16(l: &[f32; 16]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector SwiGLU and the team's split give the element-wise bits, specials too.
+    #[test]
+    fn swiglu_paths_agree() {
+        let mut g: Vec<f32> = (0..20_011)
+            .map(|i| ((i * 7919 % 20_000) as f32 - 10_000.0) / 97.0)
+            .collect();
+        g.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            88.8,
+            -104.5,
+            1e-40,
+        ]);
+        let up: Vec<f32> = (0..g.len())
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        let mut want = g.clone();
+        swiglu_plain(&mut want, &up);
+        let mut got = g.clone();
+        swiglu_in_place(&mut got, &up);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "[{i}] {} -> {a} vs {b}",
+                g[i]
+            );
+        }
+        // Rows of RMS norm spread over the team: the same bits as one after another.
+        let w: Vec<f32> = (0..576).map(|i| 1.0 + i as f32 / 1000.0).collect();
+        let x = &g[..576 * 17];
+        let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        rms_norm(x, &w, 1e-5, &mut a);
+        rms_norm_rows(x, &w, 1e-5, &mut b);
+        assert_eq!(a, b);
+    }
 
     #[test]
     fn expf_is_within_two_ulp_of_libm() {
