@@ -151,11 +151,17 @@ impl QMatrix {
                                 // the range lies in the part (m × width); columns a..b
                                 // belong to this task's group alone.
                                 unsafe {
-                                    std::ptr::copy_nonoverlapping(
-                                        t.as_ptr().add(a - lo),
-                                        p.0.add(c * width + a - start),
-                                        b - a,
-                                    )
+                                    let dst = p.0.add(c * width + a - start);
+                                    if b - a == ROWS {
+                                        // A whole group: one 64-byte move, not a call.
+                                        (dst as *mut [f32; ROWS]).write_unaligned(*t);
+                                    } else {
+                                        std::ptr::copy_nonoverlapping(
+                                            t.as_ptr().add(a - lo),
+                                            dst,
+                                            b - a,
+                                        )
+                                    }
                                 };
                             }
                         }

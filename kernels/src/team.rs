@@ -190,10 +190,11 @@ impl Team {
         // The other threads finish their last tasks; one descheduled by the OS gets the
         // core back sooner if we yield after a while instead of spinning on it.
         let start = Instant::now();
-        let mut spins = 0u32;
+        let (mut spins, mut yielding) = (0u32, false);
         while self.done.load(Acquire) < n {
             spins = spins.wrapping_add(1);
-            if spins > 256 && start.elapsed() > SPIN / 4 {
+            yielding = yielding || (spins.is_multiple_of(64) && start.elapsed() > SPIN / 4);
+            if yielding {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
