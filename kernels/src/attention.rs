@@ -216,7 +216,7 @@ pub fn attend(
     scale: f32,
     out: &mut [f32],
 ) {
-    attend_with(q, seq, pos, kv, s, scale, out, true, true);
+    attend_with(q, seq, pos, kv, s, scale, out, true, Paths::Best);
 }
 
 /// One sequence's part of a batched attention step: its query rows (already rotated)
@@ -236,7 +236,7 @@ pub struct AttendCall<'a> {
 pub fn attend_batch(calls: &mut [AttendCall<'_>], s: AttentionShape, scale: f32) {
     let singles = calls.iter().filter(|c| c.seq == 1).count();
     for c in calls.iter_mut().filter(|c| c.seq != 1 || singles == 1) {
-        attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, true, true);
+        attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, true, Paths::Best);
     }
     if singles > 1 {
         team::for_each_chunk_mut(
@@ -246,7 +246,7 @@ pub fn attend_batch(calls: &mut [AttendCall<'_>], s: AttentionShape, scale: f32)
             |_, _, c| {
                 if let [c] = c {
                     if c.seq == 1 {
-                        attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, false, true);
+                        attend_with(c.q, c.seq, c.pos, c.kv, s, scale, c.out, false, Paths::Best);
                     }
                 }
             },
@@ -273,6 +273,20 @@ fn for_each_head<S>(
     }
 }
 
+/// Which code an attention call may take.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Paths {
+    /// The fastest this CPU has.
+    Best,
+    /// One query row over an f16 cache: the AVX2 in-place path, even where AVX-512 is
+    /// (to test it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx2,
+    /// The portable path over widened rows: the specification the others are tested
+    /// against.
+    Widened,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attend_with(
     q: &[f32],
@@ -283,7 +297,7 @@ fn attend_with(
     scale: f32,
     out: &mut [f32],
     parallel: bool,
-    fast: bool,
+    paths: Paths,
 ) {
     let hd = s.head_dim;
     let n_rep = s.heads / s.kv_heads;
@@ -302,7 +316,8 @@ fn attend_with(
     // `padded` cells, zero past the sequence.
     let total = pos + seq;
     #[cfg(target_arch = "x86_64")]
-    if seq >= 2 && hd.is_multiple_of(16) && hd <= 256 && fast && crate::has_avx512_vnni() {
+    let avx512 = paths == Paths::Best && crate::has_avx512_vnni();
+    if seq >= 2 && hd.is_multiple_of(16) && hd <= 256 && avx512 {
         // Several query rows (a prompt): 16 keys' scores and 16 output dims at a time.
         let round = matches!(kv.k, KvCells::F16(_));
         return rows512::attend(q, seq, pos, kv, s, scale, out, round, parallel);
@@ -314,7 +329,7 @@ fn attend_with(
         kv.v,
         kv.block_size,
         hd.is_multiple_of(64) && hd <= 128,
-        fast && crate::has_avx512_vnni(),
+        paths != Paths::Widened && crate::has_avx2(),
     ) {
         // One query row over an f16 cache: read the paged cells where they are.
         let used = &kv.blocks[..total.div_ceil(16)];
@@ -325,8 +340,12 @@ fn attend_with(
         );
         let first = s.window.map_or(0, |w| total.saturating_sub(w));
         // Query heads sharing a KV head go together, as many as keep their registers
-        // (queries and accumulators) within the 32 of AVX-512.
-        let most = if hd == 64 { 4 } else { 2 };
+        // (queries and accumulators) within the 32 of AVX-512; one at a time with AVX2's 16.
+        let most = match (avx512, hd) {
+            (false, _) => 1,
+            (true, 64) => 4,
+            (true, _) => 2,
+        };
         let group = (1..=most)
             .rev()
             .find(|r| n_rep.is_multiple_of(*r))
@@ -337,10 +356,14 @@ fn attend_with(
             let g = h / n_rep;
             let q = &q[h * hd..(h + group) * hd];
             let (blocks, offset, width) = (kv.blocks, g * hd, s.kv_heads * hd);
-            // SAFETY: AVX-512 detected; the table covers `total` cells (asserted above);
-            // `group` divides the heads of a KV head, so the `group` heads share `g`.
+            // SAFETY: AVX-512 (or, for group 1 without it, AVX2) detected; the table
+            // covers `total` cells (asserted above); `group` divides the heads of a KV
+            // head, so the `group` heads share `g`.
             unsafe {
                 match group {
+                    1 if !avx512 => decode256::head(
+                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
+                    ),
                     1 => decode512::heads::<1>(
                         q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
                     ),
@@ -396,6 +419,127 @@ fn attend_with(
         };
         for_each_head(out, hd, parallel, scratch, head);
     });
+}
+
+/// [`decode512`] for CPUs with AVX2 but not AVX-512: one query row of one head over an
+/// f16 cache with 16-cell blocks, read in place, with exactly [`attend_head`]'s operations
+/// on widened rows; each 16-lane accumulator of `dot_vec` is a pair of 8-lane registers.
+#[cfg(target_arch = "x86_64")]
+mod decode256 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    #[inline(always)]
+    unsafe fn wide(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// `reduce16` of the 16 lanes `lo ++ hi`: `t3 = hi + lo`, then halves of 4, then
+    /// `(0+2) + (1+3)`.
+    #[inline(always)]
+    unsafe fn reduce(lo: __m256, hi: __m256) -> f32 {
+        let t3 = _mm256_add_ps(hi, lo);
+        let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+        let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    }
+
+    /// `(a0 + a2) + (a1 + a3)` of one half.
+    #[inline(always)]
+    unsafe fn fold(a: &[[__m256; 2]; 4], h: usize) -> __m256 {
+        _mm256_add_ps(
+            _mm256_add_ps(a[0][h], a[2][h]),
+            _mm256_add_ps(a[1][h], a[3][h]),
+        )
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C; `q` holds one head of `hd` (64 or 128); `blocks` covers
+    /// `total` cells of 16; `w`, `p` hold `total` rounded up to 64; `out` holds `hd`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn head(
+        q: &[f32],
+        k: &[f16],
+        v: &[f16],
+        blocks: &[u32],
+        offset: usize,
+        width: usize,
+        first: usize,
+        total: usize,
+        scale: f32,
+        w: &mut [f32],
+        p: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        // The query meets the keys as f16.
+        let mut qf = [0f32; 128];
+        for (d, &x) in qf.iter_mut().zip(q) {
+            *d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+                _mm_set_ss(x),
+            )));
+        }
+        let zero = _mm256_setzero_ps();
+        let mut max = f32::NEG_INFINITY;
+        for (j, wj) in w.iter_mut().enumerate() {
+            *wj = if j >= first && j < total {
+                let cell = blocks[j / 16] as usize * 16 + j % 16;
+                let key = k.as_ptr().add(cell * width + offset);
+                let mut acc = [[zero; 2]; 4];
+                for c in 0..hd / 64 {
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        for (h, ah) in a.iter_mut().enumerate() {
+                            let at = 64 * c + 16 * i + 8 * h;
+                            let qv = _mm256_loadu_ps(qf.as_ptr().add(at));
+                            *ah = _mm256_fmadd_ps(wide(key.add(at)), qv, *ah);
+                        }
+                    }
+                }
+                reduce(fold(&acc, 0), fold(&acc, 1)) * scale
+            } else {
+                f32::NEG_INFINITY
+            };
+            max = max.max(*wj);
+        }
+        super::softmax(w, p, max, true);
+        let used = total.div_ceil(16);
+        // Cells past `total` in the last block: zero (as the widened rows are); blocks
+        // past it add `0 · 0` to a +0-started accumulator, nothing, and are skipped.
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let keep = |h: i32| {
+            let live = if total.is_multiple_of(16) {
+                16
+            } else {
+                (total % 16) as i32
+            };
+            _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(live - 8 * h), lanes))
+        };
+        let tail = [keep(0), keep(1)];
+        let all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        for (d, o) in out.iter_mut().enumerate() {
+            let mut acc = [[zero; 2]; 4];
+            for b4 in (0..used).step_by(4) {
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let bi = b4 + i;
+                    if bi >= used {
+                        break;
+                    }
+                    let row = v
+                        .as_ptr()
+                        .add((blocks[bi] as usize * width + offset + d) * 16);
+                    for (h, ah) in a.iter_mut().enumerate() {
+                        let m = if bi + 1 == used { tail[h] } else { all };
+                        let x = _mm256_and_ps(wide(row.add(8 * h)), m);
+                        let pv = _mm256_loadu_ps(p.as_ptr().add(16 * bi + 8 * h));
+                        *ah = _mm256_fmadd_ps(x, pv, *ah);
+                    }
+                }
+            }
+            *o = reduce(fold(&acc, 0), fold(&acc, 1));
+        }
+    }
 }
 
 /// One query row of `R` heads that share a KV head, over an f16 cache with 16-cell
@@ -1067,18 +1211,20 @@ mod tests {
                         blocks: &blocks,
                         block_size: bs,
                     };
-                    let mut fast = vec![0f32; q.len()];
                     let mut slow = vec![1f32; q.len()];
-                    attend_with(&q, 1, pos, kv, s, 0.125, &mut fast, false, true);
-                    attend_with(&q, 1, pos, kv, s, 0.125, &mut slow, true, false);
-                    for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
-                        assert_eq!(
-                            a.to_bits(),
-                            b.to_bits(),
-                            "hd {hd} {window:?} pos {pos} [{i}]: {a} vs {b}"
-                        );
+                    attend_with(&q, 1, pos, kv, s, 0.125, &mut slow, true, Paths::Widened);
+                    for paths in [Paths::Best, Paths::Avx2] {
+                        let mut fast = vec![0f32; q.len()];
+                        attend_with(&q, 1, pos, kv, s, 0.125, &mut fast, false, paths);
+                        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{paths:?} hd {hd} {window:?} pos {pos} [{i}]: {a} vs {b}"
+                            );
+                        }
+                        assert!(fast.iter().all(|x| x.is_finite()));
                     }
-                    assert!(fast.iter().all(|x| x.is_finite()));
                 }
             }
         }
@@ -1280,8 +1426,8 @@ mod tests {
                         };
                         let mut fast = vec![0f32; q.len()];
                         let mut slow = vec![1f32; q.len()];
-                        attend_with(&q, seq, pos, kv, s, 0.17, &mut fast, true, true);
-                        attend_with(&q, seq, pos, kv, s, 0.17, &mut slow, false, false);
+                        attend_with(&q, seq, pos, kv, s, 0.17, &mut fast, true, Paths::Best);
+                        attend_with(&q, seq, pos, kv, s, 0.17, &mut slow, false, Paths::Widened);
                         for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
                             assert_eq!(
                                 a.to_bits(),
