@@ -382,15 +382,7 @@ fn attend_with(
         for_each_head(out, group * hd, parallel, scratch, head);
         return;
     }
-    WIDE.with(|cell| {
-        // A re-entrant call on this thread (a rayon worker stealing another attention
-        // call) gets buffers of its own.
-        let mut own = (Vec::new(), Vec::new());
-        let mut borrowed = cell.try_borrow_mut();
-        let (kf, vf) = match borrowed.as_deref_mut() {
-            Ok(b) => b,
-            Err(_) => &mut own,
-        };
+    crate::with_reused(&WIDE, |(kf, vf)| {
         kf.resize(s.kv_heads * total * hd, 0.0);
         vf.resize(s.kv_heads * hd * padded, 0.0);
         widen(kv, s, total, padded, kf, vf, parallel);

@@ -53,6 +53,18 @@ pub mod team;
 pub use formats::QK;
 pub use matmul::{QFormat, QMatrix, QMatrixError};
 
+/// Runs `f` with this thread's buffer `key`, kept from call to call, or with a fresh one
+/// when it is in use further up this thread's stack (a re-entrant call).
+pub(crate) fn with_reused<T: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
 /// Whether the switch `HEARTH_NO_<name>` (set, non-empty, not `0`) turns a path off.
 pub(crate) fn switched_off(var: &str) -> bool {
     std::env::var_os(var).is_some_and(|v| !v.is_empty() && v != "0")

@@ -110,14 +110,7 @@ impl QMatrix {
         assert_eq!(start, n, "the parts' widths add up to the matrix's rows");
         let nb = k / QK;
         let bias = self.format().bias();
-        ACTS.with(|cell| {
-            // A re-entrant call on this thread gets a buffer of its own.
-            let mut own = Vec::new();
-            let mut borrowed = cell.try_borrow_mut();
-            let acts = match borrowed.as_deref_mut() {
-                Ok(b) => b,
-                Err(_) => &mut own,
-            };
+        crate::with_reused(&ACTS, |acts| {
             acts.resize(m * nb, Act::default());
             let acts = &mut acts[..m * nb];
             if m > 1 {

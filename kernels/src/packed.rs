@@ -746,13 +746,7 @@ mod x86 {
         if a.len() <= per_call {
             return dispatch!(lanes512, halves512, format, g, nb, a, out);
         }
-        UNPACKED.with(|cell| {
-            let mut own = Vec::new();
-            let mut borrowed = cell.try_borrow_mut();
-            let buf = match borrowed.as_deref_mut() {
-                Ok(b) => b,
-                Err(_) => &mut own,
-            };
+        crate::with_reused(&UNPACKED, |buf| {
             // Every register is written below before it is read: grow only.
             if buf.len() < 8 * nb {
                 buf.resize(8 * nb, _mm512_setzero_si512());
