@@ -315,8 +315,9 @@ fn attend_with(
     // row and head): keys `[kv_head][cell][d]`, values `[kv_head][d][cell]` with rows of
     // `padded` cells, zero past the sequence.
     let total = pos + seq;
-    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let avx512 = paths == Paths::Best && crate::has_avx512_vnni();
+    #[cfg(target_arch = "x86_64")]
     if seq >= 2 && hd.is_multiple_of(16) && hd <= 256 && avx512 {
         // Several query rows (a prompt): 16 keys' scores and 16 output dims at a time.
         let round = matches!(kv.k, KvCells::F16(_));

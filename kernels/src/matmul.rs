@@ -98,7 +98,10 @@ impl QMatrix {
         let (n, k) = (self.rows(), self.k);
         assert_eq!(x.len() % k, 0, "activation length is not a multiple of k");
         let m = x.len() / k;
-        assert!(m > 0, "no activation rows");
+        if m == 0 {
+            assert!(parts.iter().all(|p| p.is_empty()), "output for no rows");
+            return;
+        }
         let mut dest = Vec::with_capacity(parts.len());
         let mut start = 0;
         for part in parts.iter_mut() {
@@ -232,6 +235,8 @@ mod tests {
             assert_eq!(&b[i * 16..(i + 1) * 16], &row[5..21]);
             assert_eq!(&c[i * 16..(i + 1) * 16], &row[21..]);
         }
+        // No rows: nothing to do.
+        w.matmul(&[], &mut []);
         // Batching does not change any row's result.
         let mut single = vec![0f32; n];
         w.matmul(&x[2 * k..3 * k], &mut single);
