@@ -153,8 +153,9 @@ impl Team {
                 .spawn(move || team.work(index));
             match spawned {
                 Ok(h) => handles.push(h.thread().clone()),
-                // No threads to be had: loops run on their callers.
-                Err(_) => return None,
+                // No more threads to be had: the team works with those it got (with
+                // none, every loop runs on its caller).
+                Err(_) => break,
             }
         }
         let _ = team.workers.set(handles);
