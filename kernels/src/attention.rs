@@ -273,6 +273,22 @@ fn for_each_head<S>(
     }
 }
 
+/// What the in-place decode paths read besides the query: the f16 cache, the sequence's
+/// blocks, where its KV head sits in a cell (`offset` of `width`), the cells it sees
+/// (`first..total`) and the score scale.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct InPlace<'a> {
+    k: &'a [f16],
+    v: &'a [f16],
+    blocks: &'a [u32],
+    offset: usize,
+    width: usize,
+    first: usize,
+    total: usize,
+    scale: f32,
+}
+
 /// Which code an attention call may take.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Paths {
@@ -356,27 +372,26 @@ fn attend_with(
             let h = i * group;
             let g = h / n_rep;
             let q = &q[h * hd..(h + group) * hd];
-            let (blocks, offset, width) = (kv.blocks, g * hd, s.kv_heads * hd);
+            let c = InPlace {
+                k: kc,
+                v: vc,
+                blocks: kv.blocks,
+                offset: g * hd,
+                width: s.kv_heads * hd,
+                first,
+                total,
+                scale,
+            };
             // SAFETY: AVX-512 (or, for group 1 without it, AVX2) detected; the table
             // covers `total` cells (asserted above); `group` divides the heads of a KV
             // head, so the `group` heads share `g`.
             unsafe {
                 match group {
-                    1 if !avx512 => decode256::head(
-                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
-                    ),
-                    1 => decode512::heads::<1>(
-                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
-                    ),
-                    2 => decode512::heads::<2>(
-                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
-                    ),
-                    3 => decode512::heads::<3>(
-                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
-                    ),
-                    _ => decode512::heads::<4>(
-                        q, kc, vc, blocks, offset, width, first, total, scale, w, p, o,
-                    ),
+                    1 if !avx512 => decode256::head(c, q, w, p, o),
+                    1 => decode512::heads::<1>(c, q, w, p, o),
+                    2 => decode512::heads::<2>(c, q, w, p, o),
+                    3 => decode512::heads::<3>(c, q, w, p, o),
+                    _ => decode512::heads::<4>(c, q, w, p, o),
                 }
             }
         };
@@ -450,22 +465,24 @@ mod decode256 {
     /// # Safety
     /// AVX2, FMA and F16C; `q` holds one head of `hd` (64 or 128); `blocks` covers
     /// `total` cells of 16; `w`, `p` hold `total` rounded up to 64; `out` holds `hd`.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn head(
+        c: super::InPlace<'_>,
         q: &[f32],
-        k: &[f16],
-        v: &[f16],
-        blocks: &[u32],
-        offset: usize,
-        width: usize,
-        first: usize,
-        total: usize,
-        scale: f32,
         w: &mut [f32],
         p: &mut [f32],
         out: &mut [f32],
     ) {
+        let super::InPlace {
+            k,
+            v,
+            blocks,
+            offset,
+            width,
+            first,
+            total,
+            scale,
+        } = c;
         let hd = q.len();
         // The query meets the keys as f16.
         let mut qf = [0f32; 128];
@@ -596,22 +613,25 @@ mod decode512 {
     /// `total` cells of 16; `w`, `p` hold `R` × (`total` rounded up to 64); `out` holds
     /// `R · hd`.
     // `r` indexes the heads' parallel arrays of registers (queries, accumulators, sums).
-    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
     pub(super) unsafe fn heads<const R: usize>(
+        c: super::InPlace<'_>,
         q: &[f32],
-        k: &[f16],
-        v: &[f16],
-        blocks: &[u32],
-        offset: usize,
-        width: usize,
-        first: usize,
-        total: usize,
-        scale: f32,
         w: &mut [f32],
         p: &mut [f32],
         out: &mut [f32],
     ) {
+        let super::InPlace {
+            k,
+            v,
+            blocks,
+            offset,
+            width,
+            first,
+            total,
+            scale,
+        } = c;
         let hd = q.len() / R;
         let chunks = hd / 16;
         let zero = _mm512_setzero_ps();
