@@ -455,21 +455,23 @@ mod x86 {
 
     use super::*;
 
-    /// Scales of block `b` for 16 rows: (d0, d1, m) as f32 (the K-quants' products
-    /// formed as the decoder forms them: `D·sc`, `−(Dmin·mn)`).
+    /// Scales of block `b` as (d0, d1, m), whatever the register width: `f16` loads the
+    /// register's f16 scales at a pointer, `ints` its 8-bit integer scales (signed or
+    /// not) as floats; the K-quants' products formed as the decoder forms them (`D·sc`,
+    /// `−(Dmin·mn)`).
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn scales512(scheme: Scheme, g: Group, b: usize) -> (__m512, __m512, __m512) {
+    unsafe fn scales_with<V: Copy>(
+        scheme: Scheme,
+        g: Group,
+        b: usize,
+        zero: V,
+        f16: impl Fn(*const u8) -> V,
+        ints: impl Fn(*const u8, bool) -> V,
+        mul: impl Fn(V, V) -> V,
+        neg: impl Fn(V) -> V,
+    ) -> (V, V, V) {
         let s = g.scales.add(b * scheme.bytes());
-        let zero = _mm512_setzero_ps();
-        let f16 = |p: *const u8| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
-        let ints = |p: *const u8, signed: bool| {
-            let x = _mm_loadu_si128(p as *const __m128i);
-            _mm512_cvtepi32_ps(if signed {
-                _mm512_cvtepi8_epi32(x)
-            } else {
-                _mm512_cvtepu8_epi32(x)
-            })
-        };
         match scheme {
             Scheme::D16 => {
                 let d = f16(s);
@@ -481,19 +483,37 @@ mod x86 {
             }
             Scheme::K4 => {
                 let k = g.supers.add(b / 8 * 64);
-                let d = _mm512_mul_ps(f16(k), ints(s, false));
-                let m = _mm512_mul_ps(f16(k.add(32)), ints(s.add(16), false));
-                (d, d, _mm512_xor_ps(m, _mm512_set1_ps(-0.0)))
+                let d = mul(f16(k), ints(s, false));
+                let m = mul(f16(k.add(32)), ints(s.add(16), false));
+                (d, d, neg(m))
             }
             Scheme::K6 => {
                 let sd = f16(g.supers.add(b / 8 * 32));
-                (
-                    _mm512_mul_ps(sd, ints(s, true)),
-                    _mm512_mul_ps(sd, ints(s.add(16), true)),
-                    zero,
-                )
+                (mul(sd, ints(s, true)), mul(sd, ints(s.add(16), true)), zero)
             }
         }
+    }
+
+    /// Scales of block `b` for 16 rows: (d0, d1, m) as f32.
+    #[inline(always)]
+    unsafe fn scales512(scheme: Scheme, g: Group, b: usize) -> (__m512, __m512, __m512) {
+        scales_with(
+            scheme,
+            g,
+            b,
+            _mm512_setzero_ps(),
+            |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            |p, signed| {
+                let x = _mm_loadu_si128(p as *const __m128i);
+                _mm512_cvtepi32_ps(if signed {
+                    _mm512_cvtepi8_epi32(x)
+                } else {
+                    _mm512_cvtepu8_epi32(x)
+                })
+            },
+            |x, y| _mm512_mul_ps(x, y),
+            |x| _mm512_xor_ps(x, _mm512_set1_ps(-0.0)),
+        )
     }
 
     /// Asks for block `b`'s share of the next group's bytes, so that group streams in
@@ -841,41 +861,23 @@ mod x86 {
     /// This half's scales (rows 8h..8h+8) of block `b`: (d0, d1, m).
     #[inline(always)]
     unsafe fn scales256(scheme: Scheme, g: Group, b: usize, h: usize) -> (__m256, __m256, __m256) {
-        let s = g.scales.add(b * scheme.bytes());
-        let zero = _mm256_setzero_ps();
-        let f16 = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h) as *const __m128i));
-        let ints = |p: *const u8, signed: bool| {
-            let x = _mm_loadl_epi64(p.add(8 * h) as *const __m128i);
-            _mm256_cvtepi32_ps(if signed {
-                _mm256_cvtepi8_epi32(x)
-            } else {
-                _mm256_cvtepu8_epi32(x)
-            })
-        };
-        match scheme {
-            Scheme::D16 => {
-                let d = f16(s);
-                (d, d, zero)
-            }
-            Scheme::D16M16 => {
-                let d = f16(s);
-                (d, d, f16(s.add(32)))
-            }
-            Scheme::K4 => {
-                let k = g.supers.add(b / 8 * 64);
-                let d = _mm256_mul_ps(f16(k), ints(s, false));
-                let m = _mm256_mul_ps(f16(k.add(32)), ints(s.add(16), false));
-                (d, d, _mm256_xor_ps(m, _mm256_set1_ps(-0.0)))
-            }
-            Scheme::K6 => {
-                let sd = f16(g.supers.add(b / 8 * 32));
-                (
-                    _mm256_mul_ps(sd, ints(s, true)),
-                    _mm256_mul_ps(sd, ints(s.add(16), true)),
-                    zero,
-                )
-            }
-        }
+        scales_with(
+            scheme,
+            g,
+            b,
+            _mm256_setzero_ps(),
+            |p| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h) as *const __m128i)),
+            |p, signed| {
+                let x = _mm_loadl_epi64(p.add(8 * h) as *const __m128i);
+                _mm256_cvtepi32_ps(if signed {
+                    _mm256_cvtepi8_epi32(x)
+                } else {
+                    _mm256_cvtepu8_epi32(x)
+                })
+            },
+            |x, y| _mm256_mul_ps(x, y),
+            |x| _mm256_xor_ps(x, _mm256_set1_ps(-0.0)),
+        )
     }
 
     /// One lane's integer sum for 8 rows: `Σ (u − bias)·a` over four elements.
