@@ -67,6 +67,12 @@ pub struct ModelArgs {
     /// cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "cpu", env = "HEARTH_DEVICE")]
     pub device: String,
+    /// How the CPU kernels sum quantized dot products: `lanes`, llama.cpp's x86
+    /// arithmetic (logits equal llama.cpp's to the bit), or `blocks`, one exact integer
+    /// sum per block (faster, most for batches and prompts; uses Intel AMX where
+    /// present; logits differ from llama.cpp's within quantization noise).
+    #[arg(long, default_value = "lanes", env = "HEARTH_ARITHMETIC")]
+    pub arithmetic: hearth_engine::Arithmetic,
     /// Compute threads (default: the cores this process may use).
     #[arg(short = 't', long, env = "HEARTH_THREADS")]
     pub threads: Option<usize>,
@@ -85,7 +91,10 @@ impl ModelArgs {
             }
             (q, d) => q.or(d),
         };
-        Ok(hearth_engine::LoadOptions { convert })
+        Ok(hearth_engine::LoadOptions {
+            convert,
+            arithmetic: self.arithmetic,
+        })
     }
 
     /// Compute threads: `--threads`, else the cores this process may use.

@@ -1,8 +1,9 @@
 //! Times the quantized matmul on the default model's shapes, for 1, 2, 4 and 16
 //! activation rows, and prints weight bytes streamed per second: `RAYON_NUM_THREADS=1
-//! cargo run --release -p hearth-kernels --example mm_timing`. A quick look while working
+//! cargo run --release -p hearth-kernels --example mm_timing`; `HEARTH_ARITHMETIC=blocks`
+//! for the block-sum arithmetic. A quick look while working
 //! on a kernel; `cargo bench --bench kernels` is the measurement.
-use hearth_kernels::matmul::{QFormat, QMatrix};
+use hearth_kernels::matmul::{Arithmetic, QFormat, QMatrix};
 
 fn main() {
     // On a pool worker, as the engine calls it: a parallel loop started from outside the
@@ -32,8 +33,13 @@ fn run() {
                 }
             })
             .collect();
-        let w = QMatrix::from_bytes(format, &bytes, n, k).unwrap();
-        for m in [1usize, 2, 4, 16] {
+        let mut w = QMatrix::from_bytes(format, &bytes, n, k).unwrap();
+        let arithmetic = match std::env::var("HEARTH_ARITHMETIC").as_deref() {
+            Ok("blocks") => Arithmetic::Blocks,
+            _ => Arithmetic::Lanes,
+        };
+        w.set_arithmetic(arithmetic);
+        for m in [1usize, 2, 4, 8, 16, 64] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32).sin()).collect();
             let mut out = vec![0f32; m * n];
             let reps = (2e9 / (n * k * m) as f64) as usize + 5;

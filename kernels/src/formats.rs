@@ -27,6 +27,32 @@ pub enum QFormat {
 }
 
 /// How a format's scales are kept once packed.
+/// How a 32-element format's integer block sums become an f32 dot product (the K-quants
+/// have one arithmetic, their half-block sums, whatever this says).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Arithmetic {
+    /// llama.cpp's x86 CPU backend, operation for operation ([`QFormat::lanes`]): the
+    /// logits equal llama.cpp's to the bit.
+    #[default]
+    Lanes,
+    /// One exact integer sum per block, scaled with one FMA (the K-quants' arithmetic):
+    /// a third of the vector work per product, and the integer sums can run on Intel AMX
+    /// tiles. Results differ from llama.cpp's in the last bits of each dot product, which
+    /// activations requantized every layer carry on as quantization noise.
+    Blocks,
+}
+
+impl std::str::FromStr for Arithmetic {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "lanes" => Ok(Self::Lanes),
+            "blocks" => Ok(Self::Blocks),
+            other => Err(format!("unknown arithmetic `{other}` (lanes, blocks)")),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
     /// One f16 scale per block.
@@ -125,6 +151,11 @@ impl QFormat {
             self,
             QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q5_0 | QFormat::Q5_1 | QFormat::Q8_0
         )
+    }
+
+    /// Whether this format, under `arithmetic`, sums products in llama.cpp's eight lanes.
+    pub const fn uses_lanes(self, arithmetic: Arithmetic) -> bool {
+        self.lanes() && matches!(arithmetic, Arithmetic::Lanes)
     }
 
     pub const fn scheme(self) -> Scheme {

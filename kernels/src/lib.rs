@@ -41,6 +41,7 @@ macro_rules! multiversion {
     };
 }
 
+pub mod amx;
 pub mod attention;
 pub mod formats;
 pub mod math;
@@ -51,7 +52,7 @@ pub mod rope;
 pub mod team;
 
 pub use formats::QK;
-pub use matmul::{QFormat, QMatrix, QMatrixError};
+pub use matmul::{Arithmetic, QFormat, QMatrix, QMatrixError};
 
 /// Runs `f` with this thread's buffer `key`, kept from call to call, or with a fresh one
 /// when it is in use further up this thread's stack (a re-entrant call).

@@ -3,8 +3,8 @@
 //! row; each task owns a range of 16-row groups and runs every activation row against a
 //! group while it is in cache, so a batch of m rows reads the weights once, not m times.
 
-pub use crate::formats::QFormat;
 use crate::formats::{dequantize, QK};
+pub use crate::formats::{Arithmetic, QFormat};
 use crate::packed::{quantize_acts, Act, Packed, ROWS};
 use crate::team;
 
@@ -67,6 +67,15 @@ impl QMatrix {
 
     pub fn format(&self) -> QFormat {
         self.packed.format()
+    }
+
+    pub fn arithmetic(&self) -> Arithmetic {
+        self.packed.arithmetic()
+    }
+
+    /// How dot products are summed (the default: llama.cpp's lanes, bit for bit).
+    pub fn set_arithmetic(&mut self, arithmetic: Arithmetic) {
+        self.packed.set_arithmetic(arithmetic);
     }
 
     /// Output features.
@@ -162,6 +171,7 @@ impl QMatrix {
                             }
                         }
                     }
+                    crate::amx::release();
                 },
             );
         });
@@ -222,7 +232,7 @@ mod tests {
                         d[0]
                     })
                     .collect();
-                let want = dot_ref(QFormat::Q4_1, &row, &a);
+                let want = dot_ref(QFormat::Q4_1, Arithmetic::Lanes, &row, &a);
                 assert_eq!(out[i * n + r].to_bits(), want.to_bits(), "row {i} col {r}");
             }
         }

@@ -23,7 +23,7 @@
 //!   integer scales (16 6-bit scales and minimums, or 2 × 16 int8 scales for Q6_K);
 //! - K-quants: per super-block of 8 blocks, 16 f16 scales (and minimums).
 
-use crate::formats::{decode, Decoded, QFormat, Scheme, QK};
+use crate::formats::{decode, Arithmetic, Decoded, QFormat, Scheme, QK};
 
 /// Rows per group.
 pub const ROWS: usize = 16;
@@ -54,6 +54,7 @@ pub fn quantize_acts(x: &[f32], bias: i32, out: &mut [Act]) {
 /// A matrix of `n` rows × `nb` blocks, packed.
 pub struct Packed {
     format: QFormat,
+    arithmetic: Arithmetic,
     n: usize,
     nb: usize,
     /// Bytes of one group.
@@ -129,6 +130,7 @@ impl Packed {
         }
         Self {
             format,
+            arithmetic: Arithmetic::default(),
             n,
             nb,
             stride,
@@ -223,6 +225,13 @@ impl Packed {
     pub fn format(&self) -> QFormat {
         self.format
     }
+    pub fn arithmetic(&self) -> Arithmetic {
+        self.arithmetic
+    }
+    /// How dot products are summed from here on (the packed bytes serve both).
+    pub fn set_arithmetic(&mut self, arithmetic: Arithmetic) {
+        self.arithmetic = arithmetic;
+    }
     pub fn rows(&self) -> usize {
         self.n
     }
@@ -274,32 +283,43 @@ impl Packed {
         if !prefetch {
             grp.prefetch = 0;
         }
+        let lanes = self.format.uses_lanes(self.arithmetic);
         #[cfg(target_arch = "x86_64")]
         {
             if crate::has_avx512_vnni() {
                 // SAFETY: features detected; lengths checked above.
-                return unsafe { x86::dispatch_512(self.format, grp, self.nb, a, out) };
+                return unsafe {
+                    x86::dispatch_512(
+                        self.format,
+                        lanes,
+                        crate::amx::available(),
+                        grp,
+                        self.nb,
+                        a,
+                        out,
+                    )
+                };
             }
             if crate::has_avx2() {
                 // SAFETY: as above.
-                return unsafe { x86::dispatch_avx2(self.format, grp, self.nb, a, out) };
+                return unsafe { x86::dispatch_avx2(self.format, lanes, grp, self.nb, a, out) };
             }
         }
         // SAFETY: the group's parts hold nb blocks.
-        unsafe { scalar::group_dot(self.format, grp, self.nb, a, out) }
+        unsafe { scalar::group_dot(self.format, lanes, grp, self.nb, a, out) }
     }
 }
 
 /// The reference: one row of decoded blocks against one activation row, with exactly the
 /// arithmetic of the packed kernels.
-pub fn dot_ref(format: QFormat, w: &[Decoded], a: &[Act]) -> f32 {
+pub fn dot_ref(format: QFormat, arithmetic: Arithmetic, w: &[Decoded], a: &[Act]) -> f32 {
     let scheme = format.scheme();
     let bias = format.bias();
     let mut mins = 0f32;
     let sum = |wb: &Decoded, ab: &Act, j: std::ops::Range<usize>| -> i32 {
         j.map(|j| (wb.u[j] as i32 - bias) * ab.qs[j] as i32).sum()
     };
-    let total = if format.lanes() {
+    let total = if format.uses_lanes(arithmetic) {
         let mut acc = [0f32; 8];
         for (wb, ab) in w.iter().zip(a) {
             if scheme.has_min() {
@@ -433,6 +453,7 @@ mod scalar {
     /// `g` must point at a group of `nb` blocks of `format`.
     pub(super) unsafe fn group_dot(
         format: QFormat,
+        lanes: bool,
         g: Group,
         nb: usize,
         a: &[&[Act]],
@@ -443,7 +464,12 @@ mod scalar {
             .collect();
         for (ac, o) in a.iter().zip(out.iter_mut()) {
             for (row, v) in rows.iter().zip(o.iter_mut()) {
-                *v = dot_ref(format, row, ac);
+                let arithmetic = if lanes {
+                    Arithmetic::Lanes
+                } else {
+                    Arithmetic::Blocks
+                };
+                *v = dot_ref(format, arithmetic, row, ac);
             }
         }
     }
@@ -707,7 +733,7 @@ mod x86 {
     /// Calls `$lanes` (at most 2 activation rows a call: 16 accumulators) or `$halves`
     /// (at most 4) for the format's bit width and arithmetic.
     macro_rules! dispatch {
-        ($lanes:ident, $halves:ident, $format:expr, $g:expr, $nb:expr, $a:expr, $out:expr) => {{
+        ($lanes:ident, $halves:ident, $format:expr, $use_lanes:expr, $g:expr, $nb:expr, $a:expr, $out:expr) => {{
             let (format, g, nb, a, out) = ($format, $g, $nb, $a, $out);
             let scheme = format.scheme();
             macro_rules! bits {
@@ -721,7 +747,7 @@ mod x86 {
                     }
                 }};
             }
-            if format.lanes() {
+            if $use_lanes {
                 for (i, (a, out)) in a.chunks(2).zip(out.chunks_mut(2)).enumerate() {
                     // The first call asks for the next group; the others find it there.
                     let first = if i == 0 {
@@ -755,6 +781,8 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     pub(super) unsafe fn dispatch_512(
         format: QFormat,
+        lanes: bool,
+        amx: bool,
         g: Group,
         nb: usize,
         a: &[&[Act]],
@@ -762,9 +790,17 @@ mod x86 {
     ) {
         // More activation rows than one kernel call takes: unpack the group's values once
         // (into L1) for all the calls, instead of once per call.
-        let per_call = if format.lanes() { 2 } else { 4 };
+        if amx
+            && !lanes
+            && a.len() >= AMX_MIN_ROWS
+            && format.block_elems() == QK
+            && blocks_amx(format, g, nb, a, out)
+        {
+            return;
+        }
+        let per_call = if lanes { 2 } else { 4 };
         if a.len() <= per_call {
-            return dispatch!(lanes512, halves512, format, g, nb, a, out);
+            return dispatch!(lanes512, halves512, format, lanes, g, nb, a, out);
         }
         crate::with_reused(&UNPACKED, |buf| {
             // Every register is written below before it is read: grow only.
@@ -792,8 +828,198 @@ mod x86 {
                 unpacked: buf.as_ptr() as *const u8,
                 ..g
             };
-            dispatch!(lanes512, halves512, format, gu, nb, a, out)
+            dispatch!(lanes512, halves512, format, lanes, gu, nb, a, out)
         })
+    }
+
+    /// Fewest activation rows for which the AMX tiles beat [`halves512`].
+    const AMX_MIN_ROWS: usize = 8;
+
+    /// Activation rows per tile product.
+    const TILE_ROWS: usize = 16;
+
+    /// [`halves512`]'s arithmetic for a 32-element format (one scale, maybe a minimum, per
+    /// block) with each block's integer sums done by AMX tile products: the group's
+    /// values are unpacked once, offset to signed bytes (`u − bias`, so the tile's signed
+    /// product is `Σ (u − bias)·a` with no correction), then for up to 16 activation rows
+    /// at a time each block is one tile product, and the vector units only scale its
+    /// exact sums, in `halves512`'s operations and order. Returns false, having done
+    /// nothing, when the activation rows are not evenly spaced in memory (a tile row
+    /// stride).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn blocks_amx(
+        format: QFormat,
+        g: Group,
+        nb: usize,
+        a: &[&[Act]],
+        out: &mut [[f32; ROWS]],
+    ) -> bool {
+        let base = a[0].as_ptr() as usize;
+        let stride = a
+            .get(1)
+            .map_or(0, |r| (r.as_ptr() as usize).wrapping_sub(base));
+        if !a
+            .iter()
+            .enumerate()
+            .all(|(c, r)| r.as_ptr() as usize == base.wrapping_add(c.wrapping_mul(stride)))
+        {
+            return false;
+        }
+        crate::with_reused(&UNPACKED, |buf| {
+            // Every register is written below before it is read: grow only.
+            if buf.len() < 8 * nb {
+                buf.resize(8 * nb, _mm512_setzero_si512());
+            }
+            let bias = _mm512_set1_epi8(format.bias() as u8 as i8);
+            macro_rules! unpack {
+                ($bits:literal) => {
+                    for b in 0..nb {
+                        prefetch_next(g, b);
+                        for p in 0..4 {
+                            let (lo, hi) = plane512::<$bits>(g, b, p);
+                            buf[8 * b + p] = _mm512_sub_epi8(lo, bias);
+                            buf[8 * b + p + 4] = _mm512_sub_epi8(hi, bias);
+                        }
+                    }
+                };
+            }
+            match format.bits() {
+                4 => unpack!(4),
+                5 => unpack!(5),
+                _ => unpack!(8),
+            }
+            let w = buf.as_ptr() as *const u8;
+            for (t, (rows, o)) in a
+                .chunks(TILE_ROWS)
+                .zip(out.chunks_mut(TILE_ROWS))
+                .enumerate()
+            {
+                let first = base.wrapping_add((t * TILE_ROWS).wrapping_mul(stride));
+                let (scheme, a0, m) = (format.scheme(), first as *const Act, rows.len());
+                if scheme.has_min() {
+                    tiles::<true>(scheme, g, nb, w, a0, stride, m, o);
+                } else {
+                    tiles::<false>(scheme, g, nb, w, a0, stride, m, o);
+                }
+            }
+        });
+        true
+    }
+
+    /// `m` (≤ 16) activation rows from `a0`, `stride` bytes apart, against the group whose
+    /// signed values are unpacked at `w`. Blocks go four at a time, each a tile product
+    /// into its own tile, stored; the tile unit works on the next four while the vector
+    /// units scale these (two stores of sums, alternating).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tiles<const MIN: bool>(
+        scheme: Scheme,
+        g: Group,
+        nb: usize,
+        w: *const u8,
+        a0: *const Act,
+        stride: usize,
+        m: usize,
+        out: &mut [[f32; ROWS]],
+    ) {
+        const CHUNK: usize = 4;
+        const SUMS: usize = CHUNK * TILE_ROWS * ROWS;
+        #[repr(C, align(64))]
+        struct Sums([i32; 2 * SUMS]);
+        // Each chunk's sums are stored by its tile products before they are read.
+        let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
+        let sums = sums.as_mut_ptr() as *mut i32;
+        crate::amx::configure(m, |c| {
+            c.tile(0, m, 64)
+                .tile(1, m, 64)
+                .tile(2, m, 64)
+                .tile(3, m, 64)
+                .tile(4, m, QK)
+                .tile(5, m, QK)
+                .tile(6, QK / 4, 64)
+                .tile(7, QK / 4, 64)
+        });
+        // Blocks `b..b + 4`'s tile products into the store of chunk `b / CHUNK`.
+        let issue = |b: usize| {
+            let n = (nb - b).min(CHUNK);
+            // `qs` opens `Act` (repr C): a tile row is a block's 32 quantized values.
+            let at = |j: usize| a0.add(b + j) as *const u8;
+            let wt = |j: usize| w.add(512 * (b + j));
+            let st = |j: usize| sums.add((b / CHUNK % 2) * SUMS + j * TILE_ROWS * ROWS) as *mut u8;
+            // Each tile stored a product later, so that it is not waited for.
+            use crate::amx::{product, store};
+            product::<0, 4, 6>(at(0), stride, wt(0));
+            if n > 1 {
+                product::<1, 5, 7>(at(1), stride, wt(1));
+            }
+            store::<0>(st(0));
+            if n > 2 {
+                product::<2, 4, 6>(at(2), stride, wt(2));
+            }
+            if n > 1 {
+                store::<1>(st(1));
+            }
+            if n > 3 {
+                product::<3, 5, 7>(at(3), stride, wt(3));
+            }
+            if n > 2 {
+                store::<2>(st(2));
+            }
+            if n > 3 {
+                store::<3>(st(3));
+            }
+        };
+        let zero = _mm512_setzero_ps();
+        let (mut acc, mut mins) = ([zero; TILE_ROWS], [zero; TILE_ROWS]);
+        issue(0);
+        let mut b = 0;
+        while b < nb {
+            let n = (nb - b).min(CHUNK);
+            if b + n < nb {
+                issue(b + n);
+            }
+            let (mut d, mut mv) = ([zero; CHUNK], [zero; CHUNK]);
+            for j in 0..n {
+                (d[j], _, mv[j]) = scales512(scheme, g, b + j);
+            }
+            let chunk = sums.add((b / CHUNK % 2) * SUMS) as *const i32;
+            for c in 0..m {
+                let row = ((a0 as *const u8).add(c * stride) as *const Act).add(b);
+                let (mut s, mut mn) = (acc[c], mins[c]);
+                let mut step = |j: usize| {
+                    let ab = &*row.add(j);
+                    if MIN {
+                        // `halves512`'s product then sum, in one instruction: the product
+                        // of two f16 values is exact in f32, so fusing rounds nothing
+                        // differently.
+                        mn = _mm512_fmadd_ps(mv[j], _mm512_set1_ps(ab.s), mn);
+                    }
+                    let sum = _mm512_load_si512(chunk.add((j * TILE_ROWS + c) * ROWS) as *const _);
+                    let dv = _mm512_mul_ps(d[j], _mm512_set1_ps(ab.d));
+                    s = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(sum), s);
+                };
+                if n == CHUNK {
+                    step(0);
+                    step(1);
+                    step(2);
+                    step(3);
+                } else {
+                    for j in 0..n {
+                        step(j);
+                    }
+                }
+                (acc[c], mins[c]) = (s, mn);
+            }
+            b += n;
+        }
+        for c in 0..m {
+            let r = if MIN {
+                _mm512_add_ps(acc[c], mins[c])
+            } else {
+                acc[c]
+            };
+            _mm512_storeu_ps(out[c].as_mut_ptr(), r);
+        }
     }
 
     std::thread_local! {
@@ -1000,12 +1226,13 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dispatch_avx2(
         format: QFormat,
+        lanes: bool,
         g: Group,
         nb: usize,
         a: &[&[Act]],
         out: &mut [[f32; ROWS]],
     ) {
-        dispatch!(lanes256, halves256, format, g, nb, a, out)
+        dispatch!(lanes256, halves256, format, lanes, g, nb, a, out)
     }
 }
 
@@ -1086,18 +1313,26 @@ pub(crate) mod tests {
         if crate::has_avx512_vnni() {
             v.push("avx512");
         }
+        if crate::amx::available() {
+            v.push("amx");
+        }
         v
     }
 
+    const ARITHMETICS: [Arithmetic; 2] = [Arithmetic::Lanes, Arithmetic::Blocks];
+
     fn run(isa: &str, p: &Packed, g: usize, a: &[&[Act]], out: &mut [[f32; ROWS]]) {
         let grp = p.group(g);
+        let lanes = p.format.uses_lanes(p.arithmetic);
         match isa {
             "dispatch" => p.group_dot(g, a, out, true),
-            "scalar" => unsafe { scalar::group_dot(p.format, grp, p.nb, a, out) },
+            "scalar" => unsafe { scalar::group_dot(p.format, lanes, grp, p.nb, a, out) },
             #[cfg(target_arch = "x86_64")]
-            "avx2" => unsafe { x86::dispatch_avx2(p.format, grp, p.nb, a, out) },
+            "avx2" => unsafe { x86::dispatch_avx2(p.format, lanes, grp, p.nb, a, out) },
             #[cfg(target_arch = "x86_64")]
-            "avx512" => unsafe { x86::dispatch_512(p.format, grp, p.nb, a, out) },
+            "avx512" => unsafe { x86::dispatch_512(p.format, lanes, false, grp, p.nb, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            "amx" => unsafe { x86::dispatch_512(p.format, lanes, true, grp, p.nb, a, out) },
             other => unreachable!("{other}"),
         }
     }
@@ -1111,9 +1346,9 @@ pub(crate) mod tests {
             for (n, fblocks) in [(1, 1), (15, 2), (16, 1), (17, 3), (40, 2)] {
                 let k = fblocks * be;
                 let bytes = random_blocks(format, n * fblocks, &mut next);
-                let p = Packed::from_gguf(format, &bytes, n, k);
+                let mut p = Packed::from_gguf(format, &bytes, n, k);
                 let rows = decoded_rows(format, &bytes, n, k);
-                let x = random_acts(7, k, &mut next);
+                let x = random_acts(40, k, &mut next);
                 let acts: Vec<Vec<Act>> = x
                     .chunks_exact(k)
                     .map(|row| {
@@ -1127,21 +1362,37 @@ pub(crate) mod tests {
                         assert_eq!(p.decoded(r, b), *blk, "{format:?} unpack r {r} b {b}");
                     }
                 }
-                for isa in isas() {
-                    for cols in [1, 2, 3, 4, 5, 7] {
-                        let a: Vec<&[Act]> = acts[..cols].iter().map(|v| &v[..]).collect();
-                        for g in 0..p.groups() {
-                            let mut out = [[f32::NAN; ROWS]; 7];
-                            run(isa, &p, g, &a, &mut out);
-                            for i in 0..ROWS.min(n - g * ROWS) {
-                                for c in 0..cols {
-                                    let want = dot_ref(format, &rows[g * ROWS + i], a[c]);
-                                    assert_eq!(
-                                        out[c][i].to_bits(),
-                                        want.to_bits(),
-                                        "{format:?} {isa} n {n} k {k} cols {cols} row {} col {c}",
-                                        g * ROWS + i
-                                    );
+                // Contiguous activation rows, as the matmul holds them (the AMX path
+                // needs even spacing), and rows scattered in memory.
+                let contiguous: Vec<Act> = acts.concat();
+                let nb = k / QK;
+                for (arithmetic, isa) in ARITHMETICS
+                    .into_iter()
+                    .flat_map(|ar| isas().into_iter().map(move |i| (ar, i)))
+                {
+                    p.set_arithmetic(arithmetic);
+                    for cols in [1, 2, 3, 4, 5, 7, 16, 17, 40] {
+                        for spread in [false, true] {
+                            let a: Vec<&[Act]> = if spread {
+                                acts[..cols].iter().map(|v| &v[..]).collect()
+                            } else {
+                                contiguous.chunks_exact(nb).take(cols).collect()
+                            };
+                            for g in 0..p.groups() {
+                                let mut out = [[f32::NAN; ROWS]; 40];
+                                run(isa, &p, g, &a, &mut out);
+                                for i in 0..ROWS.min(n - g * ROWS) {
+                                    for c in 0..cols {
+                                        let want =
+                                            dot_ref(format, arithmetic, &rows[g * ROWS + i], a[c]);
+                                        assert_eq!(
+                                            out[c][i].to_bits(),
+                                            want.to_bits(),
+                                            "{format:?} {arithmetic:?} {isa} n {n} k {k} cols {cols} \
+                                             spread {spread} row {} col {c}",
+                                            g * ROWS + i
+                                        );
+                                    }
                                 }
                             }
                         }
@@ -1174,21 +1425,31 @@ pub(crate) mod tests {
                         }
                     }
                 }
-                let p = Packed::from_gguf(format, &bytes, 16, k);
+                let mut p = Packed::from_gguf(format, &bytes, 16, k);
                 let rows = decoded_rows(format, &bytes, 16, k);
                 for av in [127.0f32, -128.0 / 127.0 * 10.0, 10.0] {
                     let x = vec![av; k];
-                    let mut a = vec![Act::default(); k / QK];
-                    quantize_acts(&x, format.bias(), &mut a);
-                    for isa in isas() {
-                        let mut out = [[0f32; ROWS]; 1];
-                        run(isa, &p, 0, &[&a], &mut out);
-                        for (i, row) in rows.iter().enumerate() {
-                            assert_eq!(
-                                out[0][i].to_bits(),
-                                dot_ref(format, row, &a).to_bits(),
-                                "{format:?} {isa} fill {fill:#x} act {av}"
-                            );
+                    // Five equal rows, contiguous: one row takes the vector paths, five
+                    // the AMX tiles where there are any.
+                    let mut a = vec![Act::default(); 5 * k / QK];
+                    for r in a.chunks_exact_mut(k / QK) {
+                        quantize_acts(&x, format.bias(), r);
+                    }
+                    let a: Vec<&[Act]> = a.chunks_exact(k / QK).collect();
+                    for arithmetic in ARITHMETICS {
+                        p.set_arithmetic(arithmetic);
+                        for isa in isas() {
+                            for cols in [1, 5] {
+                                let mut out = [[0f32; ROWS]; 5];
+                                run(isa, &p, 0, &a[..cols], &mut out);
+                                for (i, row) in rows.iter().enumerate() {
+                                    assert_eq!(
+                                        out[cols - 1][i].to_bits(),
+                                        dot_ref(format, arithmetic, row, a[0]).to_bits(),
+                                        "{format:?} {arithmetic:?} {isa} fill {fill:#x} act {av}"
+                                    );
+                                }
+                            }
                         }
                     }
                 }

@@ -15,6 +15,7 @@ pub use constraint::{Constraint, Constraints, Grammar, GrammarError};
 pub use device::parse_device;
 pub use embed::{EmbedHandle, Embedder, Pooling};
 pub use generate::{FinishReason, GenerationStats, LoadedModel};
+pub use hearth_kernels::Arithmetic;
 pub use kv_cache::{BlockTable, KvCache, KvDtype, BLOCK_SIZE};
 pub use llama::{BatchItem, Llama, LoadOptions};
 pub use sampler::{Sampler, SamplingParams};

@@ -19,7 +19,7 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, Q
 use candle_core::{DType, Device, Module, Tensor, D};
 use hearth_kernels::attention::{attend_batch, AttendCall, AttentionShape, KvView};
 use hearth_kernels::math::{rms_norm, swiglu_in_place};
-use hearth_kernels::matmul::{QFormat, QMatrix};
+use hearth_kernels::matmul::{Arithmetic, QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
 use hearth_models::{GgmlType, ModelConfig, RopeScaling, TensorInfo, Weights};
 
@@ -238,6 +238,8 @@ pub struct LoadOptions {
     /// `--dtype f16`); matrices already quantized, and those whose rows are not whole
     /// blocks of the type, stay as they are.
     pub convert: Option<GgmlType>,
+    /// How our CPU kernels sum quantized dot products (`--arithmetic`).
+    pub arithmetic: Arithmetic,
 }
 
 /// Reads named tensors out of a model's weights onto a device.
@@ -337,8 +339,9 @@ impl Loader<'_> {
         let info = self.info(name)?;
         let format = native_format(dtype);
         if let (Some(format), true, &[k, n]) = (format, self.device.is_cpu(), &info.dims[..]) {
-            let w = QMatrix::from_bytes(format, bytes, n, k)
+            let mut w = QMatrix::from_bytes(format, bytes, n, k)
                 .map_err(|e| EngineError::Load(format!("tensor `{name}`: {e}")))?;
+            w.set_arithmetic(self.options.arithmetic);
             return Ok(Linear::Native(w));
         }
         let float = match dtype {
@@ -380,8 +383,9 @@ impl Loader<'_> {
             for (_, b) in &mats {
                 bytes.extend_from_slice(b);
             }
-            let w = QMatrix::from_bytes(format, &bytes, rows.iter().sum(), k)
+            let mut w = QMatrix::from_bytes(format, &bytes, rows.iter().sum(), k)
                 .map_err(|e| EngineError::Load(format!("tensors {names:?}: {e}")))?;
+            w.set_arithmetic(self.options.arithmetic);
             return Ok(Fused::Stacked(w, rows));
         }
         // Not stackable: each matrix on its own, from the bytes read (and converted) above.

@@ -4,11 +4,26 @@
 mod common;
 
 use hearth_engine::sampler::argmax;
-use hearth_engine::{BatchItem, BlockTable};
+use hearth_engine::{Arithmetic, BatchItem, BlockTable, LoadOptions};
 
 #[test]
 fn batched_logits_equal_solo_logits() {
-    let model = common::default_model();
+    batched_equals_solo(Arithmetic::Lanes);
+}
+
+/// The block-sum arithmetic too: its matmul takes AMX tiles for 8 or more rows and the
+/// vector units below that, so a batch and a sequence alone go different ways to the
+/// same bits.
+#[test]
+fn batched_logits_equal_solo_logits_with_block_sums() {
+    batched_equals_solo(Arithmetic::Blocks);
+}
+
+fn batched_equals_solo(arithmetic: Arithmetic) {
+    let model = common::default_model_with(LoadOptions {
+        arithmetic,
+        ..LoadOptions::default()
+    });
     let tok = &model.info.tokenizer;
     let prompts = [
         "The capital of France is",

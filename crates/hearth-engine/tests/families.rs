@@ -150,6 +150,7 @@ fn weights_converted_at_load() {
             &Device::Cpu,
             LoadOptions {
                 convert: Some(convert),
+                ..LoadOptions::default()
             },
         )
         .map_err(|e| e.to_string())?;
@@ -175,6 +176,7 @@ fn weights_converted_at_load() {
         &Device::Cpu,
         LoadOptions {
             convert: Some(GgmlType::Q8_0),
+            ..LoadOptions::default()
         },
     )
     .err()

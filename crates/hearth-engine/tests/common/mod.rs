@@ -18,13 +18,18 @@ pub fn root() -> PathBuf {
 
 /// The default model on the CPU; fails with how to fetch it when it is missing.
 pub fn default_model() -> LoadedModel {
+    default_model_with(hearth_engine::LoadOptions::default())
+}
+
+/// The default model on the CPU, loaded with `options`.
+pub fn default_model_with(options: hearth_engine::LoadOptions) -> LoadedModel {
     let path = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.is_file(),
         "{} is missing: run scripts/fetch-default-model",
         path.display()
     );
-    LoadedModel::load(&path, &Device::Cpu).unwrap()
+    LoadedModel::load_with(&path, &Device::Cpu, options).unwrap()
 }
 
 /// A two-thread compute pool, as the server makes on this machine class.
