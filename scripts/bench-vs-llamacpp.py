@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def hearth_once(args):
     out = subprocess.run(
         [args.hearth, "bench", "-m", args.model, "-p", str(args.p), "-n", str(args.n),
-         "-b", str(args.b), "-r", "1", "-t", str(args.t), "-o", "json"],
+         "-b", str(args.b), "-r", "1", "-t", str(args.t), "-o", "json",
+         "--arithmetic", args.arithmetic],
         check=True, capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
     return {r["test"]: r["mean_tps"] for r in rows}
@@ -108,6 +109,8 @@ def main():
     ap.add_argument("-b", type=int, default=16)
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("-t", type=int, default=2)
+    ap.add_argument("--arithmetic", default="lanes", choices=["lanes", "blocks"],
+                    help="hearth's --arithmetic: lanes (llama.cpp's, bit for bit) or blocks")
     ap.add_argument("--hearth", default=os.path.join(ROOT, "target", "release", "hearth"))
     args = ap.parse_args()
 
@@ -121,7 +124,7 @@ def main():
         theirs.append(llama_once(llm, args, rng))
 
     print(f"CPU: {cpu_model()}; threads: {args.t}; model: {os.path.basename(args.model)}; "
-          f"repetitions: {args.r} (interleaved)")
+          f"repetitions: {args.r} (interleaved); hearth --arithmetic {args.arithmetic}")
     print()
     print("| test | hearth t/s | llama.cpp t/s | ratio min | ratio median | ratio max |")
     print("| ---- | ---------: | ------------: | --------: | -----------: | --------: |")

@@ -1342,8 +1342,9 @@ pub(crate) mod tests {
         let mut next = rng(11);
         for format in FORMATS {
             let be = format.block_elems();
-            // Row counts around the group size; one to three file blocks per row.
-            for (n, fblocks) in [(1, 1), (15, 2), (16, 1), (17, 3), (40, 2)] {
+            // Row counts around the group size; one to three file blocks per row, and nine
+            // (the AMX path's chunks of four blocks, two full and a remainder).
+            for (n, fblocks) in [(1, 1), (15, 2), (16, 1), (17, 3), (40, 2), (16, 9)] {
                 let k = fblocks * be;
                 let bytes = random_blocks(format, n * fblocks, &mut next);
                 let mut p = Packed::from_gguf(format, &bytes, n, k);
