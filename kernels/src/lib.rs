@@ -10,8 +10,10 @@
 //! has a scalar twin that computes the *same* floating-point operations in the same order
 //! (accumulator lanes, fused multiply-adds, horizontal sums), so they agree bit for bit
 //! and tests demand equality. For the 32-element formats the arithmetic reproduces
-//! llama.cpp's x86 CPU backend, so logits equal llama.cpp's to the bit. Nothing here
-//! allocates per dot product or knows about models.
+//! llama.cpp's x86 CPU backend by default, so logits equal llama.cpp's to the bit;
+//! [`Arithmetic::Blocks`] trades that for one exact integer sum per block, on Intel AMX
+//! tiles ([`amx`]) for batches. Nothing here allocates per dot product or knows about
+//! models.
 //!
 //! `HEARTH_NO_SIMD=1` forces the scalar paths (to test them on a SIMD machine).
 

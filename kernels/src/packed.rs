@@ -6,12 +6,13 @@
 //! row and block. Decode reads each weight byte once, and a batch of rows reuses each
 //! unpacked weight register for every activation row.
 //!
-//! Arithmetic, identical on every path (AVX-512 VNNI, AVX2, scalar) and given by
+//! Arithmetic, identical on every path (AMX, AVX-512 VNNI, AVX2, scalar) and given by
 //! [`dot_ref`]: integer sums of `(u − bias) · a` (exact), scaled into f32 accumulators as
-//! [`QFormat::lanes`] says — llama.cpp's eight lanes for the 32-element formats, so our
-//! logits equal llama.cpp's to the bit, two half-block sums for the K-quants. A row's
-//! result does not depend on the batch it is computed in nor on the instruction set; the
-//! tests demand equal bits.
+//! [`QFormat::uses_lanes`] says — by default llama.cpp's eight lanes for the 32-element
+//! formats, so our logits equal llama.cpp's to the bit; with [`Arithmetic::Blocks`] one
+//! sum per block, as the K-quants always sum each half block. A row's result does not
+//! depend on the batch it is computed in nor on the instruction set; the tests demand
+//! equal bits.
 //!
 //! Layout of a group (all offsets multiples of 64 bytes):
 //! - values, per block: bits ≤ 6: four 64-byte planes, plane `p` holding bytes
@@ -273,6 +274,8 @@ impl Packed {
 
     /// `out[c][i]` = dot(row `16g + i`, activation row `c`) for the activation rows `a`
     /// (`nb` blocks each). With `prefetch`, the next group's bytes are requested meanwhile.
+    /// The AMX path leaves its tile configuration loaded on this thread for the next
+    /// group; [`crate::amx::release`] frees the tiles.
     pub fn group_dot(&self, g: usize, a: &[&[Act]], out: &mut [[f32; ROWS]], prefetch: bool) {
         assert!(g < self.groups() && !a.is_empty() && out.len() >= a.len());
         assert!(
@@ -788,8 +791,6 @@ mod x86 {
         a: &[&[Act]],
         out: &mut [[f32; ROWS]],
     ) {
-        // More activation rows than one kernel call takes: unpack the group's values once
-        // (into L1) for all the calls, instead of once per call.
         if amx
             && !lanes
             && a.len() >= AMX_MIN_ROWS
@@ -802,6 +803,8 @@ mod x86 {
         if a.len() <= per_call {
             return dispatch!(lanes512, halves512, format, lanes, g, nb, a, out);
         }
+        // More activation rows than one kernel call takes: unpack the group's values once
+        // (into L1) for all the calls, instead of once per call.
         crate::with_reused(&UNPACKED, |buf| {
             // Every register is written below before it is read: grow only.
             if buf.len() < 8 * nb {
