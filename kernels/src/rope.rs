@@ -32,7 +32,7 @@ pub fn rope_cache(
 }
 
 multiversion! {
-/// Rotates adjacent pairs (x[2i], x[2i+1]) of the first `n_dims` elements of every head
+/// Rotates adjacent pairs (`x[2i]`, `x[2i+1]`) of the first `n_dims` elements of every head
 /// ("normal" rope, as GGUF Llama weights expect). `x` holds `cache.len() / (n_dims/2)`
 /// rows of `n_heads * head_dim`.
 pub fn rope_interleaved(
