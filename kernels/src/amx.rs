@@ -1,6 +1,6 @@
 //! Intel AMX, the little of it the block-sum matmul uses: permission from the OS, tile
-//! configuration, and one "int8 tile product, stored" step, as inline assembly (Rust has
-//! no stable AMX intrinsics). A tile product `C += A · B` of 16 rows × 32 int8 values by
+//! configuration, an int8 tile product and a tile store, as inline assembly (Rust has no
+//! stable AMX intrinsics). A tile product `C += A · B` of 16 rows × 32 int8 values by
 //! 32 × 16 takes a few nanoseconds on the tile unit, leaving the vector units only the
 //! scaling of each block's exact integer sums.
 
