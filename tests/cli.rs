@@ -316,6 +316,26 @@ fn bad_flags() {
 }
 
 #[test]
+fn unknown_arithmetic_is_refused_naming_the_choices() {
+    let flag = hearth(&["run", "--arithmetic", "fast", "hi"]);
+    let env = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["run", "hi"])
+        .env("HEARTH_ARITHMETIC", "fast")
+        .output()
+        .unwrap();
+    for o in [flag, env] {
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+        assert!(!err.contains("panicked"), "panic: {err}");
+        assert!(
+            err.starts_with("error: invalid value 'fast' for '--arithmetic")
+                && err.contains("(lanes, blocks)"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn serve_and_its_load_generator_refuse_bad_settings_clearly() {
     let o = hearth(&["serve", "--port", "0", "-m", "/nonexistent/model.gguf"]);
     assert_clean_error(&o, &["/nonexistent/model.gguf"]);
