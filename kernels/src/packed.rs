@@ -465,13 +465,13 @@ mod scalar {
         let rows: Vec<Vec<Decoded>> = (0..ROWS)
             .map(|i| (0..nb).map(|b| decoded(format, g, b, i)).collect())
             .collect();
+        let arithmetic = if lanes {
+            Arithmetic::Lanes
+        } else {
+            Arithmetic::Blocks
+        };
         for (ac, o) in a.iter().zip(out.iter_mut()) {
             for (row, v) in rows.iter().zip(o.iter_mut()) {
-                let arithmetic = if lanes {
-                    Arithmetic::Lanes
-                } else {
-                    Arithmetic::Blocks
-                };
                 *v = dot_ref(format, arithmetic, row, ac);
             }
         }
