@@ -877,7 +877,6 @@ mod x86 {
             macro_rules! unpack {
                 ($bits:literal) => {
                     for b in 0..nb {
-                        prefetch_next(g, b);
                         for p in 0..4 {
                             let (lo, hi) = plane512::<$bits>(g, b, p);
                             buf[8 * b + p] = _mm512_sub_epi8(lo, bias);
@@ -899,6 +898,13 @@ mod x86 {
             {
                 let first = base.wrapping_add((t * TILE_ROWS).wrapping_mul(stride));
                 let (scheme, a0, m) = (format.scheme(), first as *const Act, rows.len());
+                // The next group's bytes are asked for while the first tile row computes:
+                // spread over its blocks, the requests do not queue up behind each other.
+                let g = if t == 0 {
+                    g
+                } else {
+                    Group { prefetch: 0, ..g }
+                };
                 if scheme.has_min() {
                     tiles::<true>(scheme, g, nb, w, a0, stride, m, o);
                 } else {
@@ -983,6 +989,7 @@ mod x86 {
             }
             let (mut d, mut mv) = ([zero; CHUNK], [zero; CHUNK]);
             for j in 0..n {
+                prefetch_next(g, b + j);
                 (d[j], _, mv[j]) = scales512(scheme, g, b + j);
             }
             let chunk = sums.add((b / CHUNK % 2) * SUMS) as *const i32;
