@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use half::f16;
-use half::slice::HalfBitsSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use hearth_kernels::attention::KvCells;
 
 use crate::EngineError;
@@ -250,48 +250,62 @@ impl KvCache {
         table.len = 0;
     }
 
-    /// CPU: stores `k`, `v` (rows of kv_heads * head_dim) in `table`'s cells after its
-    /// committed tokens. The cells must have been allocated.
-    pub(crate) fn write_host(
+    /// CPU: stores each write's `k`, `v` (rows of kv_heads * head_dim) in its table's
+    /// cells after the committed tokens; the cells must have been allocated. Sequences go
+    /// over the compute team when their blocks are disjoint (always, for tables of this
+    /// pool: a block belongs to one table; checked, and written one by one otherwise).
+    pub(crate) fn write_host_batch(
         &mut self,
         layer: usize,
-        table: &BlockTable,
-        k: &[f32],
-        v: &[f32],
+        writes: &[HostWrite<'_>],
     ) -> Result<(), EngineError> {
         let width = self.num_kv_heads * self.head_dim;
         let Storage::Host(layers) = &mut self.storage else {
             return Err(EngineError::Device("host write to a device cache".into()));
         };
-        /// Writes one token's keys (a row) and values (a column of its block).
-        fn put<T: Copy>(
-            k: &mut [T],
-            v: &mut [T],
-            (krow, vrow): (&[f32], &[f32]),
-            (block, within, width): (usize, usize, usize),
-            cast: impl Fn(f32) -> T,
-        ) {
-            let cell = block * BLOCK_SIZE + within;
-            for (dst, &x) in k[cell * width..(cell + 1) * width].iter_mut().zip(krow) {
-                *dst = cast(x);
-            }
-            let vb = &mut v[block * BLOCK_SIZE * width..(block + 1) * BLOCK_SIZE * width];
-            for (row, &x) in vrow.iter().enumerate() {
-                vb[row * BLOCK_SIZE + within] = cast(x);
+        for w in writes {
+            let rows = w.k.len() / width;
+            let fits = w.k.len() == rows * width
+                && w.v.len() == w.k.len()
+                && KvCache::blocks_for(w.table.len + rows) <= w.table.blocks.len()
+                && w.table
+                    .blocks
+                    .iter()
+                    .all(|&b| (b as usize) < self.num_blocks);
+            if !fits {
+                return Err(EngineError::Input(format!(
+                    "KV write of {} values (rows of {width}) past the {} cells allocated",
+                    w.k.len(),
+                    w.table.blocks.len() * BLOCK_SIZE
+                )));
             }
         }
-        let l = &mut layers[layer];
-        for (t, rows) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
-            let pos = table.len + t;
-            let at = (
-                table.blocks[pos / BLOCK_SIZE] as usize,
-                pos % BLOCK_SIZE,
-                width,
-            );
-            match l {
-                HostLayer::F16 { k, v } => put(k, v, rows, at, |x| f16::from_f32(x).to_bits()),
-                HostLayer::F32 { k, v } => put(k, v, rows, at, |x| x),
+        let (k, v) = match &mut layers[layer] {
+            HostLayer::F16 { k, v } => (Cells::F16(k.as_mut_ptr()), Cells::F16(v.as_mut_ptr())),
+            HostLayer::F32 { k, v } => (Cells::F32(k.as_mut_ptr()), Cells::F32(v.as_mut_ptr())),
+        };
+        let put = |w: &HostWrite<'_>| {
+            for (t, (krow, vrow)) in
+                w.k.chunks_exact(width)
+                    .zip(w.v.chunks_exact(width))
+                    .enumerate()
+            {
+                let pos = w.table.len + t;
+                let block = w.table.blocks[pos / BLOCK_SIZE] as usize;
+                let (within, cell) = (pos % BLOCK_SIZE, block * BLOCK_SIZE + pos % BLOCK_SIZE);
+                // SAFETY: block < num_blocks (checked above), so the key row and the value
+                // column lie inside the layer's buffers; tasks running at once write
+                // disjoint blocks (checked before they are started).
+                unsafe {
+                    k.row(cell * width, krow);
+                    v.column(block * BLOCK_SIZE * width + within, BLOCK_SIZE, vrow);
+                }
             }
+        };
+        if writes.len() > 1 && disjoint(writes, width) {
+            hearth_kernels::team::for_each(writes.len(), |i| put(&writes[i]));
+        } else {
+            writes.iter().for_each(put);
         }
         Ok(())
     }
@@ -359,6 +373,74 @@ impl KvCache {
     }
 }
 
+/// One sequence's new keys and values for [`KvCache::write_host_batch`].
+pub(crate) struct HostWrite<'a> {
+    pub table: &'a BlockTable,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+/// Whether no block is written by two of `writes` (rows of `width` values).
+fn disjoint(writes: &[HostWrite<'_>], width: usize) -> bool {
+    let mut touched: Vec<(u32, usize)> = Vec::new();
+    for (i, w) in writes.iter().enumerate() {
+        let (first, end) = (
+            w.table.len / BLOCK_SIZE,
+            KvCache::blocks_for(w.table.len + w.k.len() / width),
+        );
+        touched.extend(w.table.blocks[first..end].iter().map(|&b| (b, i)));
+    }
+    touched.sort_unstable();
+    touched
+        .windows(2)
+        .all(|p| p[0].0 != p[1].0 || p[0].1 == p[1].1)
+}
+
+/// A layer's key or value cells, written from several threads at once.
+#[derive(Clone, Copy)]
+enum Cells {
+    F16(*mut u16),
+    F32(*mut f32),
+}
+// SAFETY: used only by `write_host_batch`, whose tasks write disjoint cells.
+unsafe impl Send for Cells {}
+unsafe impl Sync for Cells {}
+
+impl Cells {
+    /// Stores `x` at elements `at..at + x.len()`.
+    unsafe fn row(self, at: usize, x: &[f32]) {
+        match self {
+            Cells::F16(p) => {
+                let dst = std::slice::from_raw_parts_mut(p.add(at), x.len());
+                dst.reinterpret_cast_mut::<f16>().convert_from_f32_slice(x);
+            }
+            Cells::F32(p) => std::ptr::copy_nonoverlapping(x.as_ptr(), p.add(at), x.len()),
+        }
+    }
+
+    /// Stores `x[i]` at element `at + i * stride`.
+    unsafe fn column(self, at: usize, stride: usize, x: &[f32]) {
+        match self {
+            Cells::F16(p) => {
+                let mut bits = [0u16; 64];
+                for (c, chunk) in x.chunks(64).enumerate() {
+                    let bits = &mut bits[..chunk.len()];
+                    bits.reinterpret_cast_mut::<f16>()
+                        .convert_from_f32_slice(chunk);
+                    for (i, &b) in bits.iter().enumerate() {
+                        *p.add(at + (64 * c + i) * stride) = b;
+                    }
+                }
+            }
+            Cells::F32(p) => {
+                for (i, &v) in x.iter().enumerate() {
+                    *p.add(at + i * stride) = v;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +469,111 @@ mod tests {
     }
 
     #[test]
+    fn batched_host_writes_equal_writes_one_by_one() {
+        let (heads, hd) = (2, 3);
+        let width = heads * hd;
+        let make = || KvCache::with_layout(1, heads, hd, 16, &Device::Cpu, true, KvDtype::F16);
+        let (mut one, mut many) = (make().unwrap(), make().unwrap());
+        // Five sequences: already holding 0, 5, 15, 16 and 31 tokens, each given 1 to 20
+        // new ones (some cross a block edge).
+        let (held, new) = ([0usize, 5, 15, 16, 31], [1usize, 20, 2, 1, 3]);
+        let mut tables: Vec<BlockTable> = Vec::new();
+        for (h, n) in held.iter().zip(&new) {
+            let mut t = BlockTable::new();
+            assert!(one.allocate(&mut t, h + n));
+            tables.push(t);
+        }
+        // The same blocks in the second pool: allocate in the same order.
+        for (t, (h, n)) in tables.iter().zip(held.iter().zip(&new)) {
+            let mut u = BlockTable::new();
+            assert!(many.allocate(&mut u, h + n));
+            assert_eq!(u.blocks(), t.blocks());
+        }
+        for (t, h) in tables.iter_mut().zip(&held) {
+            KvCache::commit(t, *h);
+        }
+        let data: Vec<(Vec<f32>, Vec<f32>)> = new
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                let k = (0..n * width)
+                    .map(|i| (s * 1000 + i) as f32 * 0.37)
+                    .collect();
+                let v = (0..n * width)
+                    .map(|i| -((s * 1000 + i) as f32) * 0.11)
+                    .collect();
+                (k, v)
+            })
+            .collect();
+        let writes: Vec<HostWrite> = tables
+            .iter()
+            .zip(&data)
+            .map(|(table, (k, v))| HostWrite { table, k, v })
+            .collect();
+        assert!(disjoint(&writes, width));
+        many.write_host_batch(0, &writes).unwrap();
+        for w in &writes {
+            one.write_host_batch(0, std::slice::from_ref(w)).unwrap();
+        }
+        let (a, b) = (one.host_layer(0).unwrap(), many.host_layer(0).unwrap());
+        for i in 0..16 * BLOCK_SIZE * width {
+            assert_eq!(a.0.get(i).to_bits(), b.0.get(i).to_bits(), "key {i}");
+            assert_eq!(a.1.get(i).to_bits(), b.1.get(i).to_bits(), "value {i}");
+        }
+        // Written where the one-by-one path (tested below) puts them, not left zero.
+        assert_ne!(
+            b.0.get(tables[1].blocks()[0] as usize * BLOCK_SIZE * width + 5 * width),
+            0.0
+        );
+    }
+
+    #[test]
+    fn writes_sharing_a_block_are_not_run_at_once_and_bad_lengths_are_refused() {
+        // Two tables of different pools may name the same block: written one by one.
+        let width = 4;
+        let mut c = KvCache::with_layout(1, 2, 2, 2, &Device::Cpu, true, KvDtype::F32).unwrap();
+        let mut d = KvCache::with_layout(1, 2, 2, 2, &Device::Cpu, true, KvDtype::F32).unwrap();
+        let (mut a, mut b) = (BlockTable::new(), BlockTable::new());
+        assert!(c.allocate(&mut a, 1) && d.allocate(&mut b, 1));
+        assert_eq!(a.blocks(), b.blocks());
+        let (k1, k2) = (vec![1f32; width], vec![2f32; width]);
+        let writes = [
+            HostWrite {
+                table: &a,
+                k: &k1,
+                v: &k1,
+            },
+            HostWrite {
+                table: &b,
+                k: &k2,
+                v: &k2,
+            },
+        ];
+        assert!(!disjoint(&writes, width));
+        c.write_host_batch(0, &writes).unwrap();
+        let cell = a.blocks()[0] as usize * BLOCK_SIZE * width;
+        assert_eq!(
+            c.host_layer(0).unwrap().0.get(cell),
+            2.0,
+            "in order: the last wins"
+        );
+        // More rows than the table has cells, or keys and values of different lengths.
+        let long = vec![0f32; (BLOCK_SIZE + 1) * width];
+        let bad = [HostWrite {
+            table: &a,
+            k: &long,
+            v: &long,
+        }];
+        assert!(c.write_host_batch(0, &bad).is_err());
+        let bad = [HostWrite {
+            table: &a,
+            k: &k1,
+            v: &k1[..2],
+        }];
+        assert!(c.write_host_batch(0, &bad).is_err());
+    }
+
+    #[test]
     fn host_writes_land_in_the_tables_cells() {
         for dtype in [KvDtype::F16, KvDtype::F32] {
             let mut c = KvCache::with_layout(1, 2, 2, 3, &Device::Cpu, true, dtype).unwrap();
@@ -399,7 +586,15 @@ mod tests {
             // Values exact in f16, and one that is not (kept whole only in f32).
             let k: Vec<f32> = (0..rows * width).map(|i| i as f32 + 0.0001).collect();
             let v: Vec<f32> = (0..rows * width).map(|i| -(i as f32)).collect();
-            c.write_host(0, &t, &k, &v).unwrap();
+            c.write_host_batch(
+                0,
+                &[HostWrite {
+                    table: &t,
+                    k: &k,
+                    v: &v,
+                }],
+            )
+            .unwrap();
             KvCache::commit(&mut t, rows);
             let (kc, vc) = c.host_layer(0).unwrap();
             for pos in 0..rows {

@@ -23,7 +23,7 @@ use hearth_kernels::matmul::{Arithmetic, QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
 use hearth_models::{GgmlType, ModelConfig, RopeScaling, TensorInfo, Weights};
 
-use crate::kv_cache::{BlockTable, KvCache, KvDtype, BLOCK_SIZE};
+use crate::kv_cache::{BlockTable, HostWrite, KvCache, KvDtype, BLOCK_SIZE};
 use crate::EngineError;
 
 /// A weight matrix applied as `x · Wᵀ`: our own kernels for the formats they cover on the
@@ -731,15 +731,42 @@ impl Llama {
                     rms_norm(&head_src, &w.host, c.rms_norm_eps, t);
                 }
             }
-            for ((item, rope), &start) in items.iter_mut().zip(ropes).zip(&starts) {
+            // Each sequence's queries and keys rotated, its keys and values stored: one
+            // task per sequence.
+            let mut parts = Vec::with_capacity(items.len());
+            let (mut q_rest, mut k_rest) = (&mut q[..], &mut k[..]);
+            for item in items.iter() {
                 let seq = item.tokens.len();
-                let qi = &mut q[start * qw..(start + seq) * qw];
-                let ki = &mut k[start * kvw..(start + seq) * kvw];
-                rope_interleaved(qi, nh, hd, c.rope_dim, rope);
-                rope_interleaved(ki, nkv, hd, c.rope_dim, rope);
-                let vi = &v[start * kvw..(start + seq) * kvw];
-                cache.write_host(layer, item.table, ki, vi)?;
+                let (qi, qt) = std::mem::take(&mut q_rest).split_at_mut(seq * qw);
+                let (ki, kt) = std::mem::take(&mut k_rest).split_at_mut(seq * kvw);
+                (q_rest, k_rest) = (qt, kt);
+                parts.push((qi, ki));
             }
+            hearth_kernels::team::for_each_chunk_mut(
+                &mut parts,
+                1,
+                || (),
+                |_, i, part| {
+                    let (qi, ki) = &mut part[0];
+                    rope_interleaved(qi, nh, hd, c.rope_dim, &ropes[i]);
+                    rope_interleaved(ki, nkv, hd, c.rope_dim, &ropes[i]);
+                },
+            );
+            drop(parts);
+            let writes: Vec<HostWrite> = items
+                .iter()
+                .zip(&starts)
+                .map(|(item, &start)| {
+                    let span = start * kvw..(start + item.tokens.len()) * kvw;
+                    HostWrite {
+                        table: item.table,
+                        k: &k[span.clone()],
+                        v: &v[span],
+                    }
+                })
+                .collect();
+            cache.write_host_batch(layer, &writes)?;
+            drop(writes);
             let shape = AttentionShape {
                 heads: nh,
                 kv_heads: nkv,
