@@ -874,45 +874,63 @@ mod x86 {
                 buf.resize(8 * nb, _mm512_setzero_si512());
             }
             let bias = _mm512_set1_epi8(format.bias() as u8 as i8);
+            let dst = buf.as_mut_ptr();
             macro_rules! unpack {
                 ($bits:literal) => {
-                    for b in 0..nb {
+                    |b: usize| {
                         for p in 0..4 {
                             let (lo, hi) = plane512::<$bits>(g, b, p);
-                            buf[8 * b + p] = _mm512_sub_epi8(lo, bias);
-                            buf[8 * b + p + 4] = _mm512_sub_epi8(hi, bias);
+                            *dst.add(8 * b + p) = _mm512_sub_epi8(lo, bias);
+                            *dst.add(8 * b + p + 4) = _mm512_sub_epi8(hi, bias);
                         }
                     }
                 };
             }
+            let w = dst as *const u8;
             match format.bits() {
-                4 => unpack!(4),
-                5 => unpack!(5),
-                _ => unpack!(8),
-            }
-            let w = buf.as_ptr() as *const u8;
-            for (t, (rows, o)) in a
-                .chunks(TILE_ROWS)
-                .zip(out.chunks_mut(TILE_ROWS))
-                .enumerate()
-            {
-                let first = base.wrapping_add((t * TILE_ROWS).wrapping_mul(stride));
-                let (scheme, a0, m) = (format.scheme(), first as *const Act, rows.len());
-                // The next group's bytes are asked for while the first tile row computes:
-                // spread over its blocks, the requests do not queue up behind each other.
-                let g = if t == 0 {
-                    g
-                } else {
-                    Group { prefetch: 0, ..g }
-                };
-                if scheme.has_min() {
-                    tiles::<true>(scheme, g, nb, w, a0, stride, m, o);
-                } else {
-                    tiles::<false>(scheme, g, nb, w, a0, stride, m, o);
-                }
+                4 => row_tiles(format, g, nb, a, out, (base, stride), w, &unpack!(4)),
+                5 => row_tiles(format, g, nb, a, out, (base, stride), w, &unpack!(5)),
+                _ => row_tiles(format, g, nb, a, out, (base, stride), w, &unpack!(8)),
             }
         });
         true
+    }
+
+    /// The activation rows `a` (from `base`, `stride` bytes apart) in tiles of up to 16,
+    /// against the group that `unpack(block)` unpacks to `w` as the first tile row goes.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn row_tiles(
+        format: QFormat,
+        g: Group,
+        nb: usize,
+        a: &[&[Act]],
+        out: &mut [[f32; ROWS]],
+        (base, stride): (usize, usize),
+        w: *const u8,
+        unpack: &impl Fn(usize),
+    ) {
+        for (t, (rows, o)) in a
+            .chunks(TILE_ROWS)
+            .zip(out.chunks_mut(TILE_ROWS))
+            .enumerate()
+        {
+            let first = base.wrapping_add((t * TILE_ROWS).wrapping_mul(stride));
+            let (scheme, a0, m) = (format.scheme(), first as *const Act, rows.len());
+            // The first tile row unpacks the group's values a few blocks ahead of its
+            // tile products and asks for the next group's bytes: both spread over its
+            // blocks, so that memory requests do not queue up behind each other.
+            let (g, unpack) = if t == 0 {
+                (g, Some(unpack))
+            } else {
+                (Group { prefetch: 0, ..g }, None)
+            };
+            if scheme.has_min() {
+                tiles::<true>(scheme, g, nb, w, a0, stride, m, o, unpack);
+            } else {
+                tiles::<false>(scheme, g, nb, w, a0, stride, m, o, unpack);
+            }
+        }
     }
 
     /// `m` (≤ 16) activation rows from `a0`, `stride` bytes apart, against the group whose
@@ -930,6 +948,7 @@ mod x86 {
         stride: usize,
         m: usize,
         out: &mut [[f32; ROWS]],
+        unpack: Option<&impl Fn(usize)>,
     ) {
         const CHUNK: usize = 4;
         const SUMS: usize = CHUNK * TILE_ROWS * ROWS;
@@ -978,8 +997,16 @@ mod x86 {
                 store::<3>(st(3));
             }
         };
+        // Unpacks (with `unpack`) the chunk from block `b`.
+        let fill = |b: usize| {
+            if let Some(unpack) = unpack {
+                (b..(b + CHUNK).min(nb)).for_each(unpack);
+            }
+        };
         let zero = _mm512_setzero_ps();
         let (mut acc, mut mins) = ([zero; TILE_ROWS], [zero; TILE_ROWS]);
+        fill(0);
+        fill(CHUNK);
         issue(0);
         let mut b = 0;
         while b < nb {
@@ -987,6 +1014,8 @@ mod x86 {
             if b + n < nb {
                 issue(b + n);
             }
+            // The chunk the next turn's tile products read.
+            fill(b + 2 * CHUNK);
             let (mut d, mut mv) = ([zero; CHUNK], [zero; CHUNK]);
             for j in 0..n {
                 prefetch_next(g, b + j);
