@@ -813,7 +813,6 @@ mod x86 {
             macro_rules! unpack {
                 ($bits:literal) => {
                     for b in 0..nb {
-                        prefetch_next(g, b);
                         for p in 0..4 {
                             (buf[8 * b + p], buf[8 * b + p + 4]) = plane512::<$bits>(g, b, p);
                         }
@@ -826,8 +825,9 @@ mod x86 {
                 6 => unpack!(6),
                 _ => unpack!(8),
             }
+            // The first call asks for the next group's bytes as it goes (asked for here,
+            // all at once, they queue up behind each other).
             let gu = Group {
-                prefetch: 0,
                 unpacked: buf.as_ptr() as *const u8,
                 ..g
             };
