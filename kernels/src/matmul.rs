@@ -116,10 +116,38 @@ impl QMatrix {
         for part in parts.iter_mut() {
             assert_eq!(part.len() % m, 0, "a part's length is not a multiple of m");
             let width = part.len() / m;
-            dest.push((start, width, OutPtr(part.as_mut_ptr())));
+            let rows = (0..m)
+                .map(|c| OutPtr(part[c * width..].as_mut_ptr()))
+                .collect();
+            dest.push((start, width, rows));
             start += width;
         }
         assert_eq!(start, n, "the parts' widths add up to the matrix's rows");
+        self.matmul_into(x, m, &dest);
+    }
+
+    /// [`Self::matmul`] with each output row in a buffer of its own (`out[i]` = row `i`,
+    /// all `rows()` columns): a batch's logits, one vector per sequence, with no copy.
+    pub fn matmul_rows(&self, x: &[f32], out: &mut [&mut [f32]]) {
+        let k = self.k;
+        assert_eq!(x.len(), out.len() * k, "one output row per activation row");
+        assert!(
+            out.iter().all(|r| r.len() == self.rows()),
+            "output rows of rows() columns"
+        );
+        if out.is_empty() {
+            return;
+        }
+        let rows = out.iter_mut().map(|r| OutPtr(r.as_mut_ptr())).collect();
+        self.matmul_into(x, out.len(), &[(0, self.rows(), rows)]);
+    }
+
+    /// The product of `m` activation rows, column `j` of row `c` written through
+    /// `dest`: the part `(start, width, rows)` with `start <= j < start + width` takes it
+    /// at `rows[c] + (j - start)`. The parts cover the matrix's rows; each pointer is
+    /// valid for `width` writes.
+    fn matmul_into(&self, x: &[f32], m: usize, dest: &[(usize, usize, Vec<OutPtr>)]) {
+        let (n, k) = (self.rows(), self.k);
         let nb = k / QK;
         let bias = self.format().bias();
         crate::with_reused(&ACTS, |acts| {
@@ -137,31 +165,27 @@ impl QMatrix {
             }
             let rows_a: Vec<&[Act]> = acts.chunks_exact(nb).collect();
             let groups = self.packed.groups();
-            // A task's groups are contiguous, so each group's prefetch of the next one
-            // serves this thread; a task's first group comes in cold. With many rows
-            // (long groups) two tasks per thread measured best (b16 +5%, pp512 +4% over
-            // four; eight lost 8%); with one row four keep the threads' ends even.
-            let tasks_per_thread = if m > 1 { 2 } else { 4 };
-            let per_task = (groups / (rayon::current_num_threads() * tasks_per_thread)).max(1);
-            let dest = &dest[..];
-            team::for_each_init(
-                groups.div_ceil(per_task),
+            // Contiguous groups per thread, so that each group's prefetch of the next
+            // one serves the thread that computes it; short last pieces even out the ends.
+            team::for_each_range(
+                groups,
                 || vec![[0f32; ROWS]; m],
-                |tile, t| {
-                    for g in t * per_task..((t + 1) * per_task).min(groups) {
+                |tile, range| {
+                    for g in range {
                         let (lo, hi) = (g * ROWS, (g * ROWS + ROWS).min(n));
                         self.packed.group_dot(g, &rows_a, tile, true);
-                        for &(start, width, p) in dest {
+                        for (start, width, rows) in dest {
+                            let (start, width) = (*start, *width);
                             let (a, b) = (lo.max(start), hi.min(start + width));
                             if a >= b {
                                 continue;
                             }
-                            for (c, t) in tile.iter().enumerate() {
-                                // SAFETY: c < m and start <= a < b <= start + width, so
-                                // the range lies in the part (m × width); columns a..b
-                                // belong to this task's group alone.
+                            for (t, p) in tile.iter().zip(rows) {
+                                // SAFETY: start <= a < b <= start + width, so the range
+                                // lies in the row's `width` columns; columns a..b belong
+                                // to this task's group alone.
                                 unsafe {
-                                    let dst = p.0.add(c * width + a - start);
+                                    let dst = p.0.add(a - start);
                                     if b - a == ROWS {
                                         // A whole group: one 64-byte move, not a call.
                                         (dst as *mut [f32; ROWS]).write_unaligned(*t);
@@ -250,8 +274,16 @@ mod tests {
             assert_eq!(&b[i * 16..(i + 1) * 16], &row[5..21]);
             assert_eq!(&c[i * 16..(i + 1) * 16], &row[21..]);
         }
+        // Each row in a buffer of its own: the same numbers.
+        let mut rows: Vec<Vec<f32>> = (0..m).map(|_| vec![f32::NAN; n]).collect();
+        let mut views: Vec<&mut [f32]> = rows.iter_mut().map(|r| &mut r[..]).collect();
+        w.matmul_rows(&x, &mut views);
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(&r[..], &out[i * n..(i + 1) * n], "row {i} on its own");
+        }
         // No rows: nothing to do.
         w.matmul(&[], &mut []);
+        w.matmul_rows(&[], &mut []);
         // Batching does not change any row's result.
         let mut single = vec![0f32; n];
         w.matmul(&x[2 * k..3 * k], &mut single);

@@ -78,6 +78,68 @@ pub fn for_each_chunk_mut<T: Send, S>(
     });
 }
 
+/// Runs `f(state, range)` over contiguous pieces of `0..n` that together cover it once,
+/// spread over the team. Each thread starts on its own share (`n / threads` items in a
+/// row) from the front, claiming pieces that shrink as the share empties; when its share
+/// is done it takes half of what is left of another's from the back. So a thread's items
+/// mostly come in order (what it prefetched for the next item is its own), and the
+/// threads' last pieces are short (the loop's end waits little).
+pub fn for_each_range<S>(
+    n: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, std::ops::Range<usize>) + Sync,
+) {
+    assert!(n < 1 << 32, "ranges of fewer than 2^32 items");
+    let threads = rayon::current_num_threads().clamp(1, n.max(1));
+    if threads == 1 {
+        if n > 0 {
+            f(&mut init(), 0..n);
+        }
+        return;
+    }
+    // Share `t`: its next item from the front (low half) and its end (high half).
+    let shares: Vec<Padded> = (0..threads)
+        .map(|t| {
+            let (front, end) = (t * n / threads, (t + 1) * n / threads);
+            Padded(AtomicU64::new(front as u64 | (end as u64) << 32))
+        })
+        .collect();
+    // Claims `take(left)` items of a share, from the front or the back.
+    let claim = |share: &AtomicU64, back: bool, take: fn(usize) -> usize| {
+        let mut word = share.load(Acquire);
+        loop {
+            let (front, end) = ((word & 0xffff_ffff) as usize, (word >> 32) as usize);
+            if front >= end {
+                return None;
+            }
+            let k = take(end - front).clamp(1, end - front);
+            let (range, next) = if back {
+                (end - k..end, front as u64 | ((end - k) as u64) << 32)
+            } else {
+                (front..front + k, (front + k) as u64 | (end as u64) << 32)
+            };
+            match share.compare_exchange_weak(word, next, AcqRel, Acquire) {
+                Ok(_) => return Some(range),
+                Err(now) => word = now,
+            }
+        }
+    };
+    for_each_init(threads, init, |s, t| {
+        while let Some(r) = claim(&shares[t].0, false, |left| left / 4) {
+            f(s, r);
+        }
+        for other in (1..threads).map(|d| (t + d) % threads) {
+            while let Some(r) = claim(&shares[other].0, true, |left| left / 2) {
+                f(s, r);
+            }
+        }
+    });
+}
+
+/// An atomic alone on its cache line (two threads' shares are claimed at once).
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
 struct Base<T>(*mut T);
 // SAFETY: tasks use the pointer for disjoint chunks of a slice of `Send` elements.
 unsafe impl<T: Send> Sync for Base<T> {}
@@ -280,6 +342,52 @@ mod tests {
                 assert!(inits.load(Relaxed) <= 3);
             }
         });
+    }
+
+    #[test]
+    fn ranges_cover_every_item_once_in_contiguous_pieces() {
+        for threads in [1usize, 2, 3, 5] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for n in [0usize, 1, 2, 3, 7, 64, 1000, 3072] {
+                    for _ in 0..20 {
+                        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                        let (pieces, inits) = (AtomicUsize::new(0), AtomicUsize::new(0));
+                        for_each_range(
+                            n,
+                            || inits.fetch_add(1, Relaxed),
+                            |_, r| {
+                                assert!(!r.is_empty() && r.end <= n, "{r:?} of {n}");
+                                pieces.fetch_add(1, Relaxed);
+                                for i in r {
+                                    hits[i].fetch_add(1, Relaxed);
+                                    // Uneven items, so that the shares end at different times.
+                                    if i % 7 == 0 {
+                                        std::hint::black_box((0..200).sum::<usize>());
+                                    }
+                                }
+                            },
+                        );
+                        assert!(
+                            hits.iter().all(|h| h.load(Relaxed) == 1),
+                            "n {n}, {threads} threads"
+                        );
+                        assert!(inits.load(Relaxed) <= threads);
+                        // Pieces shrink geometrically: far fewer pieces than items.
+                        if n >= 1000 {
+                            assert!(
+                                pieces.load(Relaxed) < n / 10,
+                                "{} pieces",
+                                pieces.load(Relaxed)
+                            );
+                        }
+                    }
+                }
+            });
+        }
     }
 
     #[test]

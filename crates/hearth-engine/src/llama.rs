@@ -60,6 +60,25 @@ impl Linear {
         Ok(())
     }
 
+    /// [`Self::forward_host`] with each row in a vector of its own (a batch's logits).
+    fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+        match self {
+            Linear::Native(w) => {
+                let mut rows: Vec<Vec<f32>> = (0..m).map(|_| vec![0f32; w.rows()]).collect();
+                let mut views: Vec<&mut [f32]> = rows.iter_mut().map(|r| &mut r[..]).collect();
+                w.matmul_rows(x, &mut views);
+                Ok(rows)
+            }
+            _ => {
+                let out = self.forward_host(x, m)?;
+                Ok(out
+                    .chunks_exact(out.len() / m.max(1))
+                    .map(<[f32]>::to_vec)
+                    .collect())
+            }
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor, EngineError> {
         match self {
             Linear::Native(w) => {
@@ -814,9 +833,7 @@ impl Llama {
         }
         let mut normed = vec![0f32; last.len()];
         rms_norm(&last, &self.output_norm.host, c.rms_norm_eps, &mut normed);
-        let logits = self.output.forward_host(&normed, items.len())?;
-        let vocab = logits.len() / items.len();
-        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        self.output.forward_rows(&normed, items.len())
     }
 
     fn forward_device(
