@@ -4,7 +4,8 @@
 //! (expf, SiLU, RMS norm).
 //!
 //! Parallel loops run on [`team`], a pool that spins between the short loops of a step
-//! and parks when the work stops.
+//! and parks when the work stops. Packed weights live on huge pages where Linux gives
+//! them (`pages`).
 //!
 //! Pure functions over slices. Every SIMD path (AVX-512 VNNI, AVX2, picked at run time)
 //! has a scalar twin that computes the *same* floating-point operations in the same order
@@ -49,6 +50,7 @@ pub mod formats;
 pub mod math;
 pub mod matmul;
 pub mod packed;
+mod pages;
 pub mod quantize;
 pub mod rope;
 pub mod team;

@@ -60,12 +60,9 @@ pub struct Packed {
     nb: usize,
     /// Bytes of one group.
     stride: usize,
-    data: Vec<Line>,
+    /// The groups' bytes, `stride` each.
+    data: crate::pages::Zeroed,
 }
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
 
 const fn value_bytes(bits: u32) -> usize {
     if bits == 8 {
@@ -111,12 +108,8 @@ impl Packed {
         let (v, e, s, k) = Self::parts(format, nb);
         let stride = v + e + s + k;
         let groups = n.div_ceil(ROWS);
-        let mut data = vec![Line([0; 64]); groups * stride / 64];
-        // SAFETY: `Line` is 64 plain bytes; the slice covers exactly `data`'s bytes and
-        // `data` is not touched otherwise while it lives.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut u8, data.len() * 64)
-        };
+        let mut data = crate::pages::Zeroed::new(groups * stride);
+        let bytes = data.as_mut_slice();
         let mut row = vec![Decoded::default(); nb];
         for r in 0..n {
             rows(r, &mut row);
@@ -244,14 +237,14 @@ impl Packed {
     }
     /// Bytes held (the packed weights).
     pub fn bytes(&self) -> usize {
-        self.data.len() * 64
+        self.data.len()
     }
 
     fn group(&self, g: usize) -> Group {
         let (v, e, sc, _) = Self::parts(self.format, self.nb);
         // SAFETY: g < groups; the parts lie inside the group's stride.
         unsafe {
-            let base = (self.data.as_ptr() as *const u8).add(g * self.stride);
+            let base = self.data.as_ptr().add(g * self.stride);
             Group {
                 vals: base,
                 bits: base.add(v),
