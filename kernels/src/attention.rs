@@ -757,8 +757,15 @@ mod rows512 {
         _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
     }
 
-    /// Keys `[kv_head][d][cell]` and values `[kv_head][cell][d]`, `padded` cells each,
-    /// zero past `total`.
+    /// A widened key row's length: `padded` cells and one line more, so that the rows of
+    /// a head (read 16 cells at a time down all of them) do not fall on the same few
+    /// cache sets, as a power-of-two stride makes them.
+    fn key_stride(padded: usize) -> usize {
+        padded + 16
+    }
+
+    /// Keys `[kv_head][d][cell]` (rows of [`key_stride`]) and values
+    /// `[kv_head][cell][d]`, `padded` cells each, zero past `total`.
     fn widen(
         kv: KvView<'_>,
         s: AttentionShape,
@@ -768,6 +775,7 @@ mod rows512 {
         vc: &mut [f32],
     ) {
         let hd = s.head_dim;
+        let ks = key_stride(padded);
         let width = s.kv_heads * hd;
         let bs = kv.block_size;
         kt.fill(0.0);
@@ -775,14 +783,14 @@ mod rows512 {
         let mut row = vec![0f32; hd.max(bs)];
         for g in 0..s.kv_heads {
             let (kt, vc) = (
-                &mut kt[g * hd * padded..(g + 1) * hd * padded],
+                &mut kt[g * hd * ks..(g + 1) * hd * ks],
                 &mut vc[g * padded * hd..(g + 1) * padded * hd],
             );
             for j in 0..total {
                 let cell = kv.blocks[j / bs] as usize * bs + j % bs;
                 kv.k.widen_into(cell * width + g * hd, &mut row[..hd]);
                 for (e, &x) in row[..hd].iter().enumerate() {
-                    kt[e * padded + j] = x;
+                    kt[e * ks + j] = x;
                 }
             }
             for (bi, &b) in kv.blocks.iter().enumerate().take(total.div_ceil(bs)) {
@@ -813,34 +821,43 @@ mod rows512 {
         let n_rep = s.heads / s.kv_heads;
         let total = pos + seq;
         let padded = round_up64(total);
-        let mut kt = vec![0f32; s.kv_heads * hd * padded];
-        let mut vc = vec![0f32; s.kv_heads * padded * hd];
-        widen(kv, s, total, padded, &mut kt, &mut vc);
-        let (kt, vc) = (&kt[..], &vc[..]);
-        let scratch = || (vec![0f32; padded], vec![0f32; padded]);
-        let task = |(w, p): &mut (Vec<f32>, Vec<f32>), (idx, o): (usize, &mut [f32])| {
-            let (t, h) = (idx / s.heads, idx % s.heads);
-            let g = h / n_rep;
-            let visible = pos + t + 1;
-            let first = s.window.map_or(0, |w| visible.saturating_sub(w));
-            // SAFETY: AVX-512 detected by the caller; the slices hold what `row` reads.
-            unsafe {
-                row(
-                    &q[idx * hd..(idx + 1) * hd],
-                    &kt[g * hd * padded..(g + 1) * hd * padded],
-                    &vc[g * padded * hd..(g + 1) * padded * hd],
-                    padded,
-                    first,
-                    visible,
-                    scale,
-                    round,
-                    w,
-                    p,
-                    o,
-                )
-            }
-        };
-        super::for_each_head(out, hd, parallel, scratch, task);
+        let ks = key_stride(padded);
+        // The widened cache in this thread's buffers, reused from call to call (`widen`
+        // writes every element).
+        super::with_reused_wide(|kt, vc| {
+            kt.resize(s.kv_heads * hd * ks, 0.0);
+            vc.resize(s.kv_heads * padded * hd, 0.0);
+            let (kt, vc) = (
+                &mut kt[..s.kv_heads * hd * ks],
+                &mut vc[..s.kv_heads * padded * hd],
+            );
+            widen(kv, s, total, padded, kt, vc);
+            let (kt, vc) = (&kt[..], &vc[..]);
+            let scratch = || (vec![0f32; padded], vec![0f32; padded]);
+            let task = |(w, p): &mut (Vec<f32>, Vec<f32>), (idx, o): (usize, &mut [f32])| {
+                let (t, h) = (idx / s.heads, idx % s.heads);
+                let g = h / n_rep;
+                let visible = pos + t + 1;
+                let first = s.window.map_or(0, |w| visible.saturating_sub(w));
+                // SAFETY: AVX-512 detected by the caller; the slices hold what `row` reads.
+                unsafe {
+                    row(
+                        &q[idx * hd..(idx + 1) * hd],
+                        &kt[g * hd * ks..(g + 1) * hd * ks],
+                        &vc[g * padded * hd..(g + 1) * padded * hd],
+                        padded,
+                        first,
+                        visible,
+                        scale,
+                        round,
+                        w,
+                        p,
+                        o,
+                    )
+                }
+            };
+            super::for_each_head(out, hd, parallel, scratch, task);
+        })
     }
 
     /// [`super::softmax`] with [`expf16`]: the first `chunks` chunks of 16 scores hold
@@ -925,7 +942,7 @@ mod rows512 {
                 for s in 0..hd / 16 {
                     for (x, a) in acc.iter_mut().enumerate() {
                         let e = 16 * s + x;
-                        let k = _mm512_loadu_ps(kt.as_ptr().add(e * padded + j0));
+                        let k = _mm512_loadu_ps(kt.as_ptr().add(e * key_stride(padded) + j0));
                         *a = _mm512_fmadd_ps(k, _mm512_set1_ps(qf[e]), *a);
                     }
                 }
@@ -959,6 +976,11 @@ mod rows512 {
             _mm512_storeu_ps(out.as_mut_ptr().add(d0), tree(&acc));
         }
     }
+}
+
+/// `f` with this thread's widened-cache buffers (fresh ones if they are in use).
+fn with_reused_wide<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    crate::with_reused(&WIDE, |(kf, vf)| f(kf, vf))
 }
 
 thread_local! {

@@ -92,6 +92,21 @@ impl Linear {
         }
     }
 
+    /// [`Self::rows_host`] into `out` (resized), reusing its allocation.
+    fn rows_host_into(&self, ids: &[u32], out: &mut Vec<f32>) -> Result<(), EngineError> {
+        match self {
+            Linear::Native(w) => {
+                let k = w.cols();
+                out.resize(ids.len() * k, 0.0);
+                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(k)) {
+                    w.dequantize_row(id as usize, o);
+                }
+            }
+            _ => *out = self.rows_host(ids)?,
+        }
+        Ok(())
+    }
+
     /// Rows `ids` of the matrix as f32: the embedding lookup.
     fn rows_host(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
         match self {
@@ -119,6 +134,49 @@ impl Linear {
             }
         }
     }
+}
+
+/// A step's activation buffers on the CPU path, kept on the thread between steps.
+#[derive(Default)]
+struct StepBuffers {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    att: Vec<f32>,
+    /// q or k before its per-head norm (Qwen3).
+    head_src: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+impl StepBuffers {
+    /// Most bytes kept between steps (a 512-token chunk of the default model takes ~15 MB).
+    const KEEP: usize = 64 << 20;
+
+    fn bytes(&self) -> usize {
+        let all = [
+            &self.x,
+            &self.normed,
+            &self.att,
+            &self.head_src,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.o,
+            &self.gate,
+            &self.up,
+            &self.down,
+        ];
+        all.iter().map(|b| b.capacity() * 4).sum()
+    }
+}
+
+thread_local! {
+    static STEP: std::cell::RefCell<StepBuffers> = std::cell::RefCell::new(StepBuffers::default());
 }
 
 /// `x · wᵀ` in `w`'s type, as f32.
@@ -722,20 +780,32 @@ impl Llama {
             starts.push(acc);
             acc += item.tokens.len();
         }
-        let mut x = self.embeddings.rows_host(&tokens)?;
-        let mut normed = vec![0f32; rows * h];
-        let mut att = vec![0f32; rows * qw];
-        // q or k before its per-head norm (Qwen3), reused across layers.
-        let mut head_src = Vec::new();
-        // Every layer's outputs, in buffers allocated once per step.
-        let (mut q, mut k, mut v, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut gate, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new());
+        // Every layer's activations, in buffers kept from step to step on this thread (a
+        // fresh allocation of a few MB is a few hundred page faults, every step).
+        let mut bufs = STEP.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let StepBuffers {
+            x,
+            normed,
+            att,
+            head_src,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+        } = &mut bufs;
+        self.embeddings.rows_host_into(&tokens, x)?;
+        normed.resize(rows * h, 0.0);
+        att.resize(rows * qw, 0.0);
+        let (normed, att) = (&mut normed[..rows * h], &mut att[..rows * qw]);
         for (layer, b) in self.blocks.iter().enumerate() {
-            rms_norm(&x, &b.attn_norm.host, c.rms_norm_eps, &mut normed);
+            rms_norm(x, &b.attn_norm.host, c.rms_norm_eps, normed);
             b.qkv
-                .forward_into(&normed, rows, [&mut q, &mut k, &mut v])?;
+                .forward_into(normed, rows, [&mut *q, &mut *k, &mut *v])?;
             if let Some(bias) = &b.qkv_bias {
-                for (t, bias) in [&mut q, &mut k, &mut v].into_iter().zip(bias) {
+                for (t, bias) in [&mut *q, &mut *k, &mut *v].into_iter().zip(bias) {
                     for row in t.chunks_exact_mut(bias.host.len()) {
                         row.iter_mut().zip(&bias.host).for_each(|(a, b)| *a += b);
                     }
@@ -744,10 +814,10 @@ impl Llama {
             if let Some([qn, kn]) = &b.qk_norm {
                 // Each head's vector normalised on its own (rms_norm's rows are the
                 // weight's length: one head).
-                for (t, w) in [(&mut q, qn), (&mut k, kn)] {
+                for (t, w) in [(&mut *q, qn), (&mut *k, kn)] {
                     head_src.clear();
                     head_src.extend_from_slice(t);
-                    rms_norm(&head_src, &w.host, c.rms_norm_eps, t);
+                    rms_norm(head_src, &w.host, c.rms_norm_eps, t);
                 }
             }
             // Each sequence's queries and keys rotated, its keys and values stored: one
@@ -814,15 +884,15 @@ impl Llama {
             }
             attend_batch(&mut calls, shape, scale);
             drop(calls);
-            b.wo.forward_into(&att, rows, &mut o)?;
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            b.wo.forward_into(att, rows, o)?;
+            x.iter_mut().zip(o.iter()).for_each(|(a, b)| *a += b);
 
-            rms_norm(&x, &b.ffn_norm.host, c.rms_norm_eps, &mut normed);
+            rms_norm(x, &b.ffn_norm.host, c.rms_norm_eps, normed);
             b.gate_up
-                .forward_into(&normed, rows, [&mut gate, &mut up])?;
-            swiglu_in_place(&mut gate, &up);
-            b.w_down.forward_into(&gate, rows, &mut down)?;
-            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+                .forward_into(normed, rows, [&mut *gate, &mut *up])?;
+            swiglu_in_place(gate, up);
+            b.w_down.forward_into(gate, rows, down)?;
+            x.iter_mut().zip(down.iter()).for_each(|(a, b)| *a += b);
         }
         // The last row of every item, through the final norm and the output projection
         // in one matmul.
@@ -833,7 +903,12 @@ impl Llama {
         }
         let mut normed = vec![0f32; last.len()];
         rms_norm(&last, &self.output_norm.host, c.rms_norm_eps, &mut normed);
-        self.output.forward_rows(&normed, items.len())
+        let logits = self.output.forward_rows(&normed, items.len());
+        // Kept for the next step, unless a long prompt chunk made them large.
+        if bufs.bytes() <= StepBuffers::KEEP {
+            STEP.with(|s| *s.borrow_mut() = bufs);
+        }
+        logits
     }
 
     fn forward_device(
