@@ -265,11 +265,12 @@ impl KvCache {
         };
         for w in writes {
             let rows = w.k.len() / width;
+            let end = KvCache::blocks_for(w.table.len + rows);
+            // The blocks written: those of the new tokens.
             let fits = w.k.len() == rows * width
                 && w.v.len() == w.k.len()
-                && KvCache::blocks_for(w.table.len + rows) <= w.table.blocks.len()
-                && w.table
-                    .blocks
+                && end <= w.table.blocks.len()
+                && w.table.blocks[w.table.len / BLOCK_SIZE..end]
                     .iter()
                     .all(|&b| (b as usize) < self.num_blocks);
             if !fits {
@@ -569,6 +570,18 @@ mod tests {
             table: &a,
             k: &k1,
             v: &k1[..2],
+        }];
+        assert!(c.write_host_batch(0, &bad).is_err());
+        // A table of a larger pool naming blocks this one does not have: refused, not
+        // written out of bounds.
+        let mut big = KvCache::with_layout(1, 2, 2, 8, &Device::Cpu, true, KvDtype::F32).unwrap();
+        let mut far = BlockTable::new();
+        assert!(big.allocate(&mut far, 8 * BLOCK_SIZE));
+        far.blocks.retain(|&b| b as usize >= 2);
+        let bad = [HostWrite {
+            table: &far,
+            k: &k1,
+            v: &k1,
         }];
         assert!(c.write_host_batch(0, &bad).is_err());
     }
