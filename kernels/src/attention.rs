@@ -824,7 +824,7 @@ mod rows512 {
         let ks = key_stride(padded);
         // The widened cache in this thread's buffers, reused from call to call (`widen`
         // writes every element).
-        super::with_reused_wide(|kt, vc| {
+        crate::with_reused(&super::WIDE, |(kt, vc)| {
             kt.resize(s.kv_heads * hd * ks, 0.0);
             vc.resize(s.kv_heads * padded * hd, 0.0);
             let (kt, vc) = (
@@ -976,11 +976,6 @@ mod rows512 {
             _mm512_storeu_ps(out.as_mut_ptr().add(d0), tree(&acc));
         }
     }
-}
-
-/// `f` with this thread's widened-cache buffers (fresh ones if they are in use).
-fn with_reused_wide<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
-    crate::with_reused(&WIDE, |(kf, vf)| f(kf, vf))
 }
 
 thread_local! {
