@@ -264,15 +264,10 @@ impl KvCache {
             return Err(EngineError::Device("host write to a device cache".into()));
         };
         for w in writes {
-            let rows = w.k.len() / width;
-            let end = KvCache::blocks_for(w.table.len + rows);
-            // The blocks written: those of the new tokens.
-            let fits = w.k.len() == rows * width
+            let fits = w.k.len() % width == 0
                 && w.v.len() == w.k.len()
-                && end <= w.table.blocks.len()
-                && w.table.blocks[w.table.len / BLOCK_SIZE..end]
-                    .iter()
-                    .all(|&b| (b as usize) < self.num_blocks);
+                && w.blocks(width)
+                    .is_some_and(|b| b.iter().all(|&b| (b as usize) < self.num_blocks));
             if !fits {
                 return Err(EngineError::Input(format!(
                     "KV write of {} values (rows of {width}) past the {} cells allocated",
@@ -381,15 +376,21 @@ pub(crate) struct HostWrite<'a> {
     pub v: &'a [f32],
 }
 
+impl HostWrite<'_> {
+    /// The blocks the new tokens (rows of `width` values) go to, or none if the table has
+    /// too few.
+    fn blocks(&self, width: usize) -> Option<&[u32]> {
+        let end = KvCache::blocks_for(self.table.len + self.k.len() / width);
+        self.table.blocks.get(self.table.len / BLOCK_SIZE..end)
+    }
+}
+
 /// Whether no block is written by two of `writes` (rows of `width` values).
 fn disjoint(writes: &[HostWrite<'_>], width: usize) -> bool {
     let mut touched: Vec<(u32, usize)> = Vec::new();
     for (i, w) in writes.iter().enumerate() {
-        let (first, end) = (
-            w.table.len / BLOCK_SIZE,
-            KvCache::blocks_for(w.table.len + w.k.len() / width),
-        );
-        touched.extend(w.table.blocks[first..end].iter().map(|&b| (b, i)));
+        let blocks = w.blocks(width).unwrap_or_default();
+        touched.extend(blocks.iter().map(|&b| (b, i)));
     }
     touched.sort_unstable();
     touched
