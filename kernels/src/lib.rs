@@ -56,7 +56,7 @@ pub mod rope;
 pub mod team;
 
 pub use formats::QK;
-pub use matmul::{Arithmetic, QFormat, QMatrix, QMatrixError};
+pub use matmul::{Arithmetic, Input, Output, QFormat, QMatrix, QMatrixError};
 
 /// Runs `f` with this thread's buffer `key`, kept from call to call, or with a fresh one
 /// when it is in use further up this thread's stack (a re-entrant call).

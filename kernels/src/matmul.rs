@@ -104,9 +104,24 @@ impl QMatrix {
     /// the next `parts[p].len() / m` columns of every row, as a matrix of its own (the
     /// q, k and v of a stacked projection, each where it is used, without a copy).
     pub fn matmul_parts(&self, x: &[f32], parts: &mut [&mut [f32]]) {
+        self.matmul_parts_with(Input::Rows(x), parts, Output::Set);
+    }
+
+    /// [`Self::matmul_parts`] with the activation rows from `input` (given, or made row
+    /// by row inside the matmul's parallel pass) and the products stored or added into
+    /// `parts`.
+    pub fn matmul_parts_with(&self, input: Input<'_>, parts: &mut [&mut [f32]], output: Output) {
         let (n, k) = (self.rows(), self.k);
-        assert_eq!(x.len() % k, 0, "activation length is not a multiple of k");
-        let m = x.len() / k;
+        let m = match input {
+            Input::Rows(x) => {
+                assert_eq!(x.len() % k, 0, "activation length is not a multiple of k");
+                x.len() / k
+            }
+            Input::Made { rows, cols, .. } => {
+                assert_eq!(cols, k, "made rows of k columns");
+                rows
+            }
+        };
         if m == 0 {
             assert!(parts.iter().all(|p| p.is_empty()), "output for no rows");
             return;
@@ -123,7 +138,7 @@ impl QMatrix {
             start += width;
         }
         assert_eq!(start, n, "the parts' widths add up to the matrix's rows");
-        self.matmul_into(x, m, &dest);
+        self.matmul_into(input, m, &dest, output);
     }
 
     /// [`Self::matmul`] with each output row in a buffer of its own (`out[i]` = row `i`,
@@ -139,29 +154,44 @@ impl QMatrix {
             return;
         }
         let rows = out.iter_mut().map(|r| OutPtr(r.as_mut_ptr())).collect();
-        self.matmul_into(x, out.len(), &[(0, self.rows(), rows)]);
+        self.matmul_into(
+            Input::Rows(x),
+            out.len(),
+            &[(0, self.rows(), rows)],
+            Output::Set,
+        );
     }
 
     /// The product of `m` activation rows, column `j` of row `c` written through
     /// `dest`: the part `(start, width, rows)` with `start <= j < start + width` takes it
     /// at `rows[c] + (j - start)`. The parts cover the matrix's rows; each pointer is
-    /// valid for `width` writes.
-    fn matmul_into(&self, x: &[f32], m: usize, dest: &[(usize, usize, Vec<OutPtr>)]) {
+    /// valid for `width` writes (or reads and writes, to add).
+    fn matmul_into(
+        &self,
+        input: Input<'_>,
+        m: usize,
+        dest: &[(usize, usize, Vec<OutPtr>)],
+        output: Output,
+    ) {
         let (n, k) = (self.rows(), self.k);
         let nb = k / QK;
         let bias = self.format().bias();
+        let quantize = |r: usize, q: &mut [Act]| match input {
+            Input::Rows(x) => quantize_acts(&x[r * k..(r + 1) * k], bias, q),
+            Input::Made { make, .. } => crate::with_reused(&MADE, |row| {
+                row.resize(k, 0.0);
+                make(r, row);
+                quantize_acts(row, bias, q)
+            }),
+        };
+        let add = output == Output::Add;
         crate::with_reused(&ACTS, |acts| {
             acts.resize(m * nb, Act::default());
             let acts = &mut acts[..m * nb];
             if m > 1 {
-                team::for_each_chunk_mut(
-                    acts,
-                    nb,
-                    || (),
-                    |_, r, q| quantize_acts(&x[r * k..(r + 1) * k], bias, q),
-                );
+                team::for_each_chunk_mut(acts, nb, || (), |_, r, q| quantize(r, q));
             } else {
-                quantize_acts(x, bias, acts);
+                quantize(0, acts);
             }
             let rows_a: Vec<&[Act]> = acts.chunks_exact(nb).collect();
             let groups = self.packed.groups();
@@ -188,7 +218,17 @@ impl QMatrix {
                                     let dst = p.0.add(a - start);
                                     if b - a == ROWS {
                                         // A whole group: one 64-byte move, not a call.
-                                        (dst as *mut [f32; ROWS]).write_unaligned(*t);
+                                        let dst = dst as *mut [f32; ROWS];
+                                        let mut v = *t;
+                                        if add {
+                                            let old = dst.read_unaligned();
+                                            v.iter_mut().zip(old).for_each(|(v, o)| *v += o);
+                                        }
+                                        dst.write_unaligned(v);
+                                    } else if add {
+                                        for (j, &v) in t[a - lo..b - lo].iter().enumerate() {
+                                            *dst.add(j) += v;
+                                        }
                                     } else {
                                         std::ptr::copy_nonoverlapping(
                                             t.as_ptr().add(a - lo),
@@ -210,6 +250,49 @@ impl QMatrix {
 thread_local! {
     /// Each thread's buffer of quantized activation rows, reused from call to call.
     static ACTS: std::cell::RefCell<Vec<Act>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's buffer for an activation row made on demand ([`Input::Made`]).
+    static MADE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where a matmul's activation rows come from.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    /// The rows, one after another.
+    Rows(&'a [f32]),
+    /// `rows` rows of `cols` values made on demand: `make(i, row)` writes row `i`. Each
+    /// row is made once, in the matmul's own parallel pass over the rows (where they are
+    /// quantized), so a norm or an activation function before a matmul needs no pass and
+    /// no buffer of its own.
+    Made {
+        rows: usize,
+        cols: usize,
+        make: &'a (dyn Fn(usize, &mut [f32]) + Sync),
+    },
+}
+
+impl Input<'_> {
+    /// The rows as one buffer: borrowed, or made one after another.
+    pub fn rows(&self) -> std::borrow::Cow<'_, [f32]> {
+        match *self {
+            Input::Rows(x) => std::borrow::Cow::Borrowed(x),
+            Input::Made { rows, cols, make } => {
+                let mut x = vec![0f32; rows * cols];
+                x.chunks_exact_mut(cols.max(1))
+                    .enumerate()
+                    .for_each(|(i, row)| make(i, row));
+                std::borrow::Cow::Owned(x)
+            }
+        }
+    }
+}
+
+/// What a matmul does with its products.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Output {
+    /// Store them.
+    Set,
+    /// Add them to what the output holds (a residual connection, with no pass of its own).
+    Add,
 }
 
 /// Raw output pointer shared by tasks that write disjoint elements.
@@ -288,6 +371,47 @@ mod tests {
         let mut single = vec![0f32; n];
         w.matmul(&x[2 * k..3 * k], &mut single);
         assert_eq!(&single[..], &out[2 * n..3 * n]);
+    }
+
+    #[test]
+    fn made_rows_and_added_products_equal_given_rows_and_a_separate_sum() {
+        // 37 rows: a partial last group, so the added products take both store paths.
+        let (n, k) = (37, 96);
+        let w = QMatrix::from_bytes(QFormat::Q4_1, &q4_1_bytes(n, k), n, k).unwrap();
+        for m in [1, 5] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let mut want = vec![0f32; m * n];
+            w.matmul(&x, &mut want);
+            // Rows made on demand (each exactly once, whichever thread makes it).
+            let made = (0..m)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect::<Vec<_>>();
+            let make = |r: usize, row: &mut [f32]| {
+                made[r].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                row.copy_from_slice(&x[r * k..(r + 1) * k]);
+            };
+            let input = Input::Made {
+                rows: m,
+                cols: k,
+                make: &make,
+            };
+            let mut got = vec![f32::NAN; m * n];
+            w.matmul_parts_with(input, &mut [&mut got], Output::Set);
+            assert_eq!(got, want, "{m} made rows");
+            assert!(made
+                .iter()
+                .all(|c| c.load(std::sync::atomic::Ordering::Relaxed) == 1));
+            assert_eq!(&input.rows()[..], &x[..]);
+            // Added to what the output holds, as `base + product` is, in every column.
+            let base: Vec<f32> = (0..m * n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let mut sum = base.clone();
+            w.matmul_parts_with(Input::Rows(&x), &mut [&mut sum], Output::Add);
+            for (i, (s, (b, p))) in sum.iter().zip(base.iter().zip(&want)).enumerate() {
+                assert_eq!(s.to_bits(), (b + p).to_bits(), "{m} rows, element {i}");
+            }
+        }
     }
 
     #[test]

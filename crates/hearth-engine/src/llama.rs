@@ -19,7 +19,7 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, Q
 use candle_core::{DType, Device, Module, Tensor, D};
 use hearth_kernels::attention::{attend_batch, AttendCall, AttentionShape, KvView};
 use hearth_kernels::math::{rms_norm, swiglu_in_place};
-use hearth_kernels::matmul::{Arithmetic, QFormat, QMatrix};
+use hearth_kernels::matmul::{Arithmetic, Input, Output, QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
 use hearth_models::{GgmlType, ModelConfig, RopeScaling, TensorInfo, Weights};
 
@@ -57,6 +57,35 @@ impl Linear {
             Linear::Dense(w) => dense(&input()?, w)?,
         };
         *out = product.flatten_all()?.to_vec1::<f32>()?;
+        Ok(())
+    }
+
+    /// The product of `input`'s `m` rows stored in or added to `out` (`m` rows of this
+    /// matrix's outputs): with our kernels, the rows are made and the products added in
+    /// the matmul's own passes.
+    fn apply(
+        &self,
+        input: Input<'_>,
+        m: usize,
+        out: &mut [f32],
+        output: Output,
+    ) -> Result<(), EngineError> {
+        if let Linear::Native(w) = self {
+            w.matmul_parts_with(input, &mut [out], output);
+            return Ok(());
+        }
+        let y = self.forward_host(&input.rows(), m)?;
+        if y.len() != out.len() {
+            return Err(EngineError::Device(format!(
+                "a product of {} values for an output of {}",
+                y.len(),
+                out.len()
+            )));
+        }
+        match output {
+            Output::Set => out.copy_from_slice(&y),
+            Output::Add => out.iter_mut().zip(&y).for_each(|(o, y)| *o += y),
+        }
         Ok(())
     }
 
@@ -140,17 +169,14 @@ impl Linear {
 #[derive(Default)]
 struct StepBuffers {
     x: Vec<f32>,
-    normed: Vec<f32>,
     att: Vec<f32>,
     /// q or k before its per-head norm (Qwen3).
     head_src: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    o: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    down: Vec<f32>,
 }
 
 impl StepBuffers {
@@ -160,16 +186,13 @@ impl StepBuffers {
     fn bytes(&self) -> usize {
         let all = [
             &self.x,
-            &self.normed,
             &self.att,
             &self.head_src,
             &self.q,
             &self.k,
             &self.v,
-            &self.o,
             &self.gate,
             &self.up,
-            &self.down,
         ];
         all.iter().map(|b| b.capacity() * 4).sum()
     }
@@ -196,7 +219,7 @@ enum Fused<const N: usize> {
 impl<const N: usize> Fused<N> {
     fn forward_host(&self, x: &[f32], m: usize) -> Result<[Vec<f32>; N], EngineError> {
         let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-        self.forward_into(x, m, out.each_mut())?;
+        self.forward_into(Input::Rows(x), m, out.each_mut())?;
         Ok(out)
     }
 
@@ -204,7 +227,7 @@ impl<const N: usize> Fused<N> {
     /// matrix writes each projection's columns straight into its own buffer.
     fn forward_into(
         &self,
-        x: &[f32],
+        x: Input<'_>,
         m: usize,
         out: [&mut Vec<f32>; N],
     ) -> Result<(), EngineError> {
@@ -220,11 +243,12 @@ impl<const N: usize> Fused<N> {
                     .collect::<Vec<_>>()
                     .try_into()
                     .unwrap_or_else(|_| unreachable!("N parts"));
-                w.matmul_parts(x, &mut parts);
+                w.matmul_parts_with(x, &mut parts, Output::Set);
             }
             Fused::Separate(ws) => {
+                let x = x.rows();
                 for (o, w) in out.into_iter().zip(ws) {
-                    w.forward_into(x, m, o)?;
+                    w.forward_into(&x, m, o)?;
                 }
             }
         }
@@ -785,25 +809,34 @@ impl Llama {
         let mut bufs = STEP.with(|s| std::mem::take(&mut *s.borrow_mut()));
         let StepBuffers {
             x,
-            normed,
             att,
             head_src,
             q,
             k,
             v,
-            o,
             gate,
             up,
-            down,
         } = &mut bufs;
         self.embeddings.rows_host_into(&tokens, x)?;
-        normed.resize(rows * h, 0.0);
         att.resize(rows * qw, 0.0);
-        let (normed, att) = (&mut normed[..rows * h], &mut att[..rows * qw]);
+        let att = &mut att[..rows * qw];
+        let eps = c.rms_norm_eps;
+        // A row of `x` through a norm, made where the next matmul quantizes it.
+        let normed = |x: &[f32], r: usize, w: &[f32], out: &mut [f32]| {
+            rms_norm(&x[r * h..(r + 1) * h], w, eps, out)
+        };
         for (layer, b) in self.blocks.iter().enumerate() {
-            rms_norm(x, &b.attn_norm.host, c.rms_norm_eps, normed);
-            b.qkv
-                .forward_into(normed, rows, [&mut *q, &mut *k, &mut *v])?;
+            let xs = &x[..];
+            let make = |r: usize, o: &mut [f32]| normed(xs, r, &b.attn_norm.host, o);
+            b.qkv.forward_into(
+                Input::Made {
+                    rows,
+                    cols: h,
+                    make: &make,
+                },
+                rows,
+                [&mut *q, &mut *k, &mut *v],
+            )?;
             if let Some(bias) = &b.qkv_bias {
                 for (t, bias) in [&mut *q, &mut *k, &mut *v].into_iter().zip(bias) {
                     for row in t.chunks_exact_mut(bias.host.len()) {
@@ -884,15 +917,31 @@ impl Llama {
             }
             attend_batch(&mut calls, shape, scale);
             drop(calls);
-            b.wo.forward_into(att, rows, o)?;
-            x.iter_mut().zip(o.iter()).for_each(|(a, b)| *a += b);
-
-            rms_norm(x, &b.ffn_norm.host, c.rms_norm_eps, normed);
-            b.gate_up
-                .forward_into(normed, rows, [&mut *gate, &mut *up])?;
-            swiglu_in_place(gate, up);
-            b.w_down.forward_into(gate, rows, down)?;
-            x.iter_mut().zip(down.iter()).for_each(|(a, b)| *a += b);
+            // The residuals are added by the matmuls as they store their products.
+            b.wo.apply(Input::Rows(att), rows, x, Output::Add)?;
+            let xs = &x[..];
+            let make = |r: usize, o: &mut [f32]| normed(xs, r, &b.ffn_norm.host, o);
+            b.gate_up.forward_into(
+                Input::Made {
+                    rows,
+                    cols: h,
+                    make: &make,
+                },
+                rows,
+                [&mut *gate, &mut *up],
+            )?;
+            let (g, u) = (&gate[..], &up[..]);
+            let inter = g.len() / rows;
+            let act = |r: usize, o: &mut [f32]| {
+                o.copy_from_slice(&g[r * inter..(r + 1) * inter]);
+                swiglu_in_place(o, &u[r * inter..(r + 1) * inter]);
+            };
+            let input = Input::Made {
+                rows,
+                cols: inter,
+                make: &act,
+            };
+            b.w_down.apply(input, rows, x, Output::Add)?;
         }
         // The last row of every item, through the final norm and the output projection
         // in one matmul.
