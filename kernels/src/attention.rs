@@ -648,7 +648,30 @@ mod decode512 {
         let (w, p) = (w.as_mut_ptr(), p.as_mut_ptr());
         let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); R];
         let mut f = [[zero; 16]; R];
+        // The cache comes from L3 or memory in blocks scattered over the pool, where the
+        // hardware's prefetchers find no stream: each block's keys are asked for two
+        // blocks ahead, and its values (read after the softmax) into L2 while its keys
+        // are scored.
+        let ask_keys = |block: u32| {
+            for x in 0..16 {
+                let key = k.as_ptr().add((block as usize * 16 + x) * width + offset);
+                for l in (0..hd).step_by(32) {
+                    _mm_prefetch::<_MM_HINT_T0>(key.add(l) as *const i8);
+                }
+            }
+        };
+        const AHEAD: usize = 2;
+        for &b in blocks.iter().take(used.min(AHEAD)) {
+            ask_keys(b);
+        }
         for (bi, &block) in blocks.iter().enumerate().take(used) {
+            if bi + AHEAD < used {
+                ask_keys(blocks[bi + AHEAD]);
+            }
+            let vals = v.as_ptr().add((block as usize * width + offset) * 16);
+            for l in (0..hd * 16).step_by(32) {
+                _mm_prefetch::<_MM_HINT_T1>(vals.add(l) as *const i8);
+            }
             for (x, fx) in (0..16).zip(0..) {
                 let key = k.as_ptr().add((block as usize * 16 + x) * width + offset);
                 let mut acc = [[zero; 4]; R];
