@@ -176,20 +176,27 @@ impl QMatrix {
         let (n, k) = (self.rows(), self.k);
         let nb = k / QK;
         let bias = self.format().bias();
-        let quantize = |r: usize, q: &mut [Act]| match input {
-            Input::Rows(x) => quantize_acts(&x[r * k..(r + 1) * k], bias, q),
-            Input::Made { make, .. } => crate::with_reused(&MADE, |row| {
-                row.resize(k, 0.0);
-                make(r, row);
-                quantize_acts(row, bias, q)
-            }),
+        // Rows `first..` quantized into `q` (whole rows).
+        let quantize = |first: usize, q: &mut [Act]| {
+            let rows = first..first + q.len() / nb;
+            match input {
+                Input::Rows(x) => quantize_acts(&x[rows.start * k..rows.end * k], bias, q),
+                Input::Made { make, .. } => crate::with_reused(&MADE, |x| {
+                    x.resize(rows.len() * k, 0.0);
+                    make(rows, x);
+                    quantize_acts(x, bias, q)
+                }),
+            }
         };
         let add = output == Output::Add;
         crate::with_reused(&ACTS, |acts| {
             acts.resize(m * nb, Act::default());
             let acts = &mut acts[..m * nb];
-            if m > 1 {
-                team::for_each_chunk_mut(acts, nb, || (), |_, r, q| quantize(r, q));
+            // A few rows a task (made rows often come in groups faster than one by one,
+            // e.g. norms), two tasks or more per thread.
+            let per = (m / (2 * rayon::current_num_threads())).clamp(1, 8);
+            if m > per {
+                team::for_each_chunk_mut(acts, per * nb, || (), |_, i, q| quantize(i * per, q));
             } else {
                 quantize(0, acts);
             }
@@ -259,14 +266,15 @@ thread_local! {
 pub enum Input<'a> {
     /// The rows, one after another.
     Rows(&'a [f32]),
-    /// `rows` rows of `cols` values made on demand: `make(i, row)` writes row `i`. Each
-    /// row is made once, in the matmul's own parallel pass over the rows (where they are
-    /// quantized), so a norm or an activation function before a matmul needs no pass and
-    /// no buffer of its own.
+    /// `rows` rows of `cols` values made on demand: `make(range, out)` writes the rows
+    /// `range` to `out` (`range.len() · cols` values), on this thread alone. Each row is
+    /// made once, in the matmul's own parallel pass over the rows (where they are
+    /// quantized, a few at a time), so a norm or an activation function before a matmul
+    /// needs no pass and no buffer of its own.
     Made {
         rows: usize,
         cols: usize,
-        make: &'a (dyn Fn(usize, &mut [f32]) + Sync),
+        make: &'a (dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync),
     },
 }
 
@@ -277,9 +285,7 @@ impl Input<'_> {
             Input::Rows(x) => std::borrow::Cow::Borrowed(x),
             Input::Made { rows, cols, make } => {
                 let mut x = vec![0f32; rows * cols];
-                x.chunks_exact_mut(cols.max(1))
-                    .enumerate()
-                    .for_each(|(i, row)| make(i, row));
+                make(0..rows, &mut x);
                 std::borrow::Cow::Owned(x)
             }
         }
@@ -378,7 +384,7 @@ mod tests {
         // 37 rows: a partial last group, so the added products take both store paths.
         let (n, k) = (37, 96);
         let w = QMatrix::from_bytes(QFormat::Q4_1, &q4_1_bytes(n, k), n, k).unwrap();
-        for m in [1, 5] {
+        for m in [1, 5, 16, 37] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
                 .collect();
@@ -388,9 +394,11 @@ mod tests {
             let made = (0..m)
                 .map(|_| std::sync::atomic::AtomicUsize::new(0))
                 .collect::<Vec<_>>();
-            let make = |r: usize, row: &mut [f32]| {
-                made[r].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                row.copy_from_slice(&x[r * k..(r + 1) * k]);
+            let make = |rows: std::ops::Range<usize>, out: &mut [f32]| {
+                out.copy_from_slice(&x[rows.start * k..rows.end * k]);
+                for r in rows {
+                    made[r].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             };
             let input = Input::Made {
                 rows: m,

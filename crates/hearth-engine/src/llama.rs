@@ -13,12 +13,13 @@
 //! tensor ops.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use hearth_kernels::attention::{attend_batch, AttendCall, AttentionShape, KvView};
-use hearth_kernels::math::{rms_norm, swiglu_in_place};
+use hearth_kernels::math::{rms_norm, rms_norm_here, swiglu_here};
 use hearth_kernels::matmul::{Arithmetic, Input, Output, QFormat, QMatrix};
 use hearth_kernels::rope::{rope_cache, rope_interleaved};
 use hearth_models::{GgmlType, ModelConfig, RopeScaling, TensorInfo, Weights};
@@ -821,13 +822,13 @@ impl Llama {
         att.resize(rows * qw, 0.0);
         let att = &mut att[..rows * qw];
         let eps = c.rms_norm_eps;
-        // A row of `x` through a norm, made where the next matmul quantizes it.
-        let normed = |x: &[f32], r: usize, w: &[f32], out: &mut [f32]| {
-            rms_norm(&x[r * h..(r + 1) * h], w, eps, out)
+        // Rows of `x` through a norm, made where the next matmul quantizes them.
+        let normed = |x: &[f32], rs: Range<usize>, w: &[f32], out: &mut [f32]| {
+            rms_norm_here(&x[rs.start * h..rs.end * h], w, eps, out)
         };
         for (layer, b) in self.blocks.iter().enumerate() {
             let xs = &x[..];
-            let make = |r: usize, o: &mut [f32]| normed(xs, r, &b.attn_norm.host, o);
+            let make = |rs: Range<usize>, o: &mut [f32]| normed(xs, rs, &b.attn_norm.host, o);
             b.qkv.forward_into(
                 Input::Made {
                     rows,
@@ -920,7 +921,7 @@ impl Llama {
             // The residuals are added by the matmuls as they store their products.
             b.wo.apply(Input::Rows(att), rows, x, Output::Add)?;
             let xs = &x[..];
-            let make = |r: usize, o: &mut [f32]| normed(xs, r, &b.ffn_norm.host, o);
+            let make = |rs: Range<usize>, o: &mut [f32]| normed(xs, rs, &b.ffn_norm.host, o);
             b.gate_up.forward_into(
                 Input::Made {
                     rows,
@@ -932,9 +933,10 @@ impl Llama {
             )?;
             let (g, u) = (&gate[..], &up[..]);
             let inter = g.len() / rows;
-            let act = |r: usize, o: &mut [f32]| {
-                o.copy_from_slice(&g[r * inter..(r + 1) * inter]);
-                swiglu_in_place(o, &u[r * inter..(r + 1) * inter]);
+            let act = |rs: Range<usize>, o: &mut [f32]| {
+                let span = rs.start * inter..rs.end * inter;
+                o.copy_from_slice(&g[span.clone()]);
+                swiglu_here(o, &u[span]);
             };
             let input = Input::Made {
                 rows,
