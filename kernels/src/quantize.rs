@@ -79,36 +79,129 @@ mod x86 {
         )))
     }
 
+    /// Lane `j` = `op` over the 16 lanes of `f[j]`, for an `op` whose result does not
+    /// depend on the order (a maximum of non-NaN values, an integer sum): a transpose by
+    /// halves, so 16 reductions cost 43 operations instead of 16 × 8.
+    #[inline(always)]
+    unsafe fn across16(f: &[__m512; 16], op: impl Fn(__m512, __m512) -> __m512) -> __m512 {
+        // Pairs of vectors: within each 128-bit lane, [a0∘a2, b0∘b2, a1∘a3, b1∘b3].
+        let s: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (f[2 * i], f[2 * i + 1]);
+            op(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        });
+        // Fours: 128-bit lane L, element p holds vector 4i + p over elements 4L..4L + 4.
+        let t: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (_mm512_castps_pd(s[2 * i]), _mm512_castps_pd(s[2 * i + 1]));
+            op(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+            )
+        });
+        // Across the four 128-bit lanes: lane i of the result from `t[i]`'s four.
+        let halves = |a: __m512, b: __m512| {
+            op(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xee>(a, b),
+            )
+        };
+        let (u, v) = (halves(t[0], t[1]), halves(t[2], t[3]));
+        op(
+            _mm512_shuffle_f32x4::<0x88>(u, v),
+            _mm512_shuffle_f32x4::<0xdd>(u, v),
+        )
+    }
+
     /// # Safety
     /// AVX-512F/BW/VL/VNNI and F16C; `x.len() == out.len() * 32`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn quantize512(x: &[f32], bias: i32, out: &mut [Act]) {
-        let ones = _mm256_set1_epi8(1);
-        let neg_bias = _mm256_set1_epi32(-bias);
-        for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-            let v0 = _mm512_loadu_ps(xs.as_ptr());
-            let v1 = _mm512_loadu_ps(xs.as_ptr().add(16));
-            // max(a, acc) keeps acc where a is NaN, as `if a > acc { a } else { acc }`.
-            let zero = _mm512_setzero_ps();
-            let m = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), zero));
-            let amax = _mm512_reduce_max_ps(m);
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let idv = _mm512_set1_ps(id);
-            let (p0, p1) = (_mm512_mul_ps(v0, idv), _mm512_mul_ps(v1, idv));
-            let r0 = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(p0, p0), p0);
-            let r1 = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(p1, p1), p1);
-            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1));
-            let q = _mm256_set_m128i(_mm512_cvtepi32_epi8(r1), _mm512_cvtepi32_epi8(r0));
-            _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, q);
-            let lanes = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, q);
-            let neg = _mm256_mullo_epi32(lanes, neg_bias);
-            _mm256_storeu_si256(b.neg.as_mut_ptr() as *mut __m256i, neg);
-            b.d = round_f16(d);
-            b.s = round_f16(d * sum as f32);
-            b.neg_lo = b.neg[..4].iter().sum();
-            b.neg_hi = b.neg[4..].iter().sum();
+        let whole = out.len() / 16 * 16;
+        let (head, tail) = out.split_at_mut(whole);
+        for (xs, acts) in x.chunks_exact(16 * QK).zip(head.chunks_exact_mut(16)) {
+            sixteen(xs, bias, acts);
         }
+        for (b, xs) in tail.iter_mut().zip(x[whole * QK..].chunks_exact(QK)) {
+            one(xs, bias, b);
+        }
+    }
+
+    /// Sixteen blocks at once: their maxima and sums reduced side by side, their scales
+    /// divided and rounded as one vector; each block's values as [`one`] makes them.
+    #[inline(always)]
+    unsafe fn sixteen(x: &[f32], bias: i32, out: &mut [Act]) {
+        let zero = _mm512_setzero_ps();
+        let at = |j: usize, h: usize| _mm512_loadu_ps(x.as_ptr().add(QK * j + 16 * h));
+        // max(a, acc) keeps acc where a is NaN, as `if a > acc { a } else { acc }`: no
+        // lane of `m` is NaN, so their maximum is the same in any order.
+        let m: [__m512; 16] = std::array::from_fn(|j| {
+            _mm512_max_ps(
+                _mm512_abs_ps(at(j, 1)),
+                _mm512_max_ps(_mm512_abs_ps(at(j, 0)), zero),
+            )
+        });
+        let amax = across16(&m, |a, b| _mm512_max_ps(a, b));
+        let c127 = _mm512_set1_ps(127.0);
+        let d = _mm512_div_ps(amax, c127);
+        let id = _mm512_maskz_div_ps(_mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(amax, zero), c127, amax);
+        let mut sums = [_mm512_setzero_si512(); 16];
+        for (j, (b, sum)) in out.iter_mut().zip(sums.iter_mut()).enumerate() {
+            let idv = _mm512_permutexvar_ps(_mm512_set1_epi32(j as i32), id);
+            *sum = values(at(j, 0), at(j, 1), idv, bias, b);
+        }
+        let sum = across16(&sums.map(|s| _mm512_castsi512_ps(s)), |a, b| {
+            _mm512_castsi512_ps(_mm512_add_epi32(
+                _mm512_castps_si512(a),
+                _mm512_castps_si512(b),
+            ))
+        });
+        let round = |v: __m512| _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
+        let (mut ds, mut ss) = ([0f32; 16], [0f32; 16]);
+        _mm512_storeu_ps(ds.as_mut_ptr(), round(d));
+        let s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_castps_si512(sum)));
+        _mm512_storeu_ps(ss.as_mut_ptr(), round(s));
+        for ((b, d), s) in out.iter_mut().zip(ds).zip(ss) {
+            (b.d, b.s) = (d, s);
+        }
+    }
+
+    /// One block.
+    #[inline(always)]
+    unsafe fn one(xs: &[f32], bias: i32, b: &mut Act) {
+        let v0 = _mm512_loadu_ps(xs.as_ptr());
+        let v1 = _mm512_loadu_ps(xs.as_ptr().add(16));
+        // max(a, acc) keeps acc where a is NaN, as `if a > acc { a } else { acc }`.
+        let zero = _mm512_setzero_ps();
+        let m = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), zero));
+        let amax = _mm512_reduce_max_ps(m);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let sum = values(v0, v1, _mm512_set1_ps(id), bias, b);
+        let sum = _mm512_reduce_add_epi32(sum);
+        b.d = round_f16(d);
+        b.s = round_f16(d * sum as f32);
+    }
+
+    /// A block's values `v0`, `v1` times `id`, rounded half to even into `b.qs` (a NaN
+    /// product, from an infinite input, becomes 0 as Rust's `as i32` makes it), and the
+    /// lane sums into `b.neg`; returns the values' sums by lane (16 pairs).
+    #[inline(always)]
+    unsafe fn values(v0: __m512, v1: __m512, id: __m512, bias: i32, b: &mut Act) -> __m512i {
+        let (p0, p1) = (_mm512_mul_ps(v0, id), _mm512_mul_ps(v1, id));
+        let r0 = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(p0, p0), p0);
+        let r1 = _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(p1, p1), p1);
+        let q = _mm256_set_m128i(_mm512_cvtepi32_epi8(r1), _mm512_cvtepi32_epi8(r0));
+        _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, q);
+        if bias == 0 {
+            // Formats with a minimum instead of a bias: no corrections.
+            (b.neg, b.neg_lo, b.neg_hi) = ([0; 8], 0, 0);
+            return _mm512_add_epi32(r0, r1);
+        }
+        let lanes = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), q);
+        let neg = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(-bias));
+        _mm256_storeu_si256(b.neg.as_mut_ptr() as *mut __m256i, neg);
+        b.neg_lo = b.neg[..4].iter().sum();
+        b.neg_hi = b.neg[4..].iter().sum();
+        _mm512_add_epi32(r0, r1)
     }
 }
 
@@ -152,11 +245,15 @@ mod tests {
                 x.push(v);
             }
         }
-        for bias in [0, 8, 128] {
-            let n = x.len() / QK;
+        // Lengths around the vector path's groups of 16 blocks.
+        for (bias, n) in [0, 8, 128]
+            .into_iter()
+            .flat_map(|b| [1, 15, 16, 17, 18, 33, 48, 400].map(|n| (b, n)))
+        {
+            let x = &x[..n * QK];
             let (mut a, mut b) = (vec![Act::default(); n], vec![Act::default(); n]);
-            quantize_acts_into(&x, bias, &mut a);
-            quantize_plain(&x, bias, &mut b);
+            quantize_acts_into(x, bias, &mut a);
+            quantize_plain(x, bias, &mut b);
             for (i, (a, b)) in a.iter().zip(&b).enumerate() {
                 assert_eq!(a.qs, b.qs, "block {i}");
                 assert_eq!(a.d.to_bits(), b.d.to_bits(), "block {i}");
