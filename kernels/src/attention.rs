@@ -651,29 +651,32 @@ mod decode512 {
         // The cache comes from L3 or memory in blocks scattered over the pool, where the
         // hardware's prefetchers find no stream: each block's keys are asked for two
         // blocks ahead, and its values (read after the softmax) into L2 while its keys
-        // are scored.
-        let ask_keys = |block: u32| {
-            for x in 0..16 {
-                let key = k.as_ptr().add((block as usize * 16 + x) * width + offset);
-                for l in (0..hd).step_by(32) {
-                    _mm_prefetch::<_MM_HINT_T0>(key.add(l) as *const i8);
+        // are scored, a line or two beside each key's products (not in bursts).
+        const AHEAD: usize = 2;
+        let key_at =
+            |block: u32, x: usize| k.as_ptr().add((block as usize * 16 + x) * width + offset);
+        let ask = |p: *const f16, lines: usize, hint: i32| {
+            for l in 0..lines {
+                match hint {
+                    _MM_HINT_T0 => _mm_prefetch::<_MM_HINT_T0>(p.add(32 * l) as *const i8),
+                    _ => _mm_prefetch::<_MM_HINT_T1>(p.add(32 * l) as *const i8),
                 }
             }
         };
-        const AHEAD: usize = 2;
         for &b in blocks.iter().take(used.min(AHEAD)) {
-            ask_keys(b);
+            (0..16).for_each(|x| ask(key_at(b, x), hd / 32, _MM_HINT_T0));
         }
         for (bi, &block) in blocks.iter().enumerate().take(used) {
-            if bi + AHEAD < used {
-                ask_keys(blocks[bi + AHEAD]);
-            }
+            // Asked for beside each key's products: a key of the block `AHEAD` on, and
+            // a sixteenth of this block's values.
+            let ahead = blocks.get(bi + AHEAD).filter(|_| bi + AHEAD < used);
             let vals = v.as_ptr().add((block as usize * width + offset) * 16);
-            for l in (0..hd * 16).step_by(32) {
-                _mm_prefetch::<_MM_HINT_T1>(vals.add(l) as *const i8);
-            }
             for (x, fx) in (0..16).zip(0..) {
-                let key = k.as_ptr().add((block as usize * 16 + x) * width + offset);
+                if let Some(&b) = ahead {
+                    ask(key_at(b, x), hd / 32, _MM_HINT_T0);
+                }
+                ask(vals.add(hd * x), hd / 32, _MM_HINT_T1);
+                let key = key_at(block, x);
                 let mut acc = [[zero; 4]; R];
                 for c in 0..hd / 64 {
                     for i in 0..4 {
