@@ -493,9 +493,27 @@ mod decode256 {
         }
         let zero = _mm256_setzero_ps();
         let mut max = f32::NEG_INFINITY;
+        // As `decode512` asks for them: the key 32 cells on, and a line or two of this
+        // block's values, beside each key's products.
+        let ask = |p: *const f16, hint: i32| {
+            for l in 0..hd / 32 {
+                match hint {
+                    _MM_HINT_T0 => _mm_prefetch::<_MM_HINT_T0>(p.add(32 * l) as *const i8),
+                    _ => _mm_prefetch::<_MM_HINT_T1>(p.add(32 * l) as *const i8),
+                }
+            }
+        };
         for (j, wj) in w.iter_mut().enumerate() {
             *wj = if j >= first && j < total {
                 let cell = blocks[j / 16] as usize * 16 + j % 16;
+                if j + 32 < total {
+                    let ahead = blocks[(j + 32) / 16] as usize * 16 + j % 16;
+                    ask(k.as_ptr().add(ahead * width + offset), _MM_HINT_T0);
+                }
+                let vals = v
+                    .as_ptr()
+                    .add((blocks[j / 16] as usize * width + offset) * 16);
+                ask(vals.add(hd * (j % 16)), _MM_HINT_T1);
                 let key = k.as_ptr().add(cell * width + offset);
                 let mut acc = [[zero; 2]; 4];
                 for c in 0..hd / 64 {
