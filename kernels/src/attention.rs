@@ -429,6 +429,17 @@ fn attend_with(
     });
 }
 
+/// Asks for `lines` cache lines of f16 cells from `p` (prefetch `HINT`): the in-place
+/// decode paths read a cache whose blocks lie scattered over the pool, where the
+/// hardware's prefetchers find no stream.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn ask<const HINT: i32>(p: *const f16, lines: usize) {
+    for l in 0..lines {
+        std::arch::x86_64::_mm_prefetch::<HINT>(p.add(32 * l) as *const i8);
+    }
+}
+
 /// [`decode512`] for CPUs with AVX2 but not AVX-512: one query row of one head over an
 /// f16 cache with 16-cell blocks, read in place, with exactly [`attend_head`]'s operations
 /// on widened rows; each 16-lane accumulator of `dot_vec` is a pair of 8-lane registers.
@@ -495,25 +506,18 @@ mod decode256 {
         let mut max = f32::NEG_INFINITY;
         // As `decode512` asks for them: the key 32 cells on, and a line or two of this
         // block's values, beside each key's products.
-        let ask = |p: *const f16, hint: i32| {
-            for l in 0..hd / 32 {
-                match hint {
-                    _MM_HINT_T0 => _mm_prefetch::<_MM_HINT_T0>(p.add(32 * l) as *const i8),
-                    _ => _mm_prefetch::<_MM_HINT_T1>(p.add(32 * l) as *const i8),
-                }
-            }
-        };
+        let lines = hd / 32;
         for (j, wj) in w.iter_mut().enumerate() {
             *wj = if j >= first && j < total {
                 let cell = blocks[j / 16] as usize * 16 + j % 16;
                 if j + 32 < total {
                     let ahead = blocks[(j + 32) / 16] as usize * 16 + j % 16;
-                    ask(k.as_ptr().add(ahead * width + offset), _MM_HINT_T0);
+                    super::ask::<_MM_HINT_T0>(k.as_ptr().add(ahead * width + offset), lines);
                 }
                 let vals = v
                     .as_ptr()
                     .add((blocks[j / 16] as usize * width + offset) * 16);
-                ask(vals.add(hd * (j % 16)), _MM_HINT_T1);
+                super::ask::<_MM_HINT_T1>(vals.add(hd * (j % 16)), lines);
                 let key = k.as_ptr().add(cell * width + offset);
                 let mut acc = [[zero; 2]; 4];
                 for c in 0..hd / 64 {
@@ -666,23 +670,15 @@ mod decode512 {
         let (w, p) = (w.as_mut_ptr(), p.as_mut_ptr());
         let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); R];
         let mut f = [[zero; 16]; R];
-        // The cache comes from L3 or memory in blocks scattered over the pool, where the
-        // hardware's prefetchers find no stream: each block's keys are asked for two
-        // blocks ahead, and its values (read after the softmax) into L2 while its keys
-        // are scored, a line or two beside each key's products (not in bursts).
+        // Each block's keys are asked for two blocks ahead, and its values (read after
+        // the softmax) into L2 while its keys are scored, a line or two beside each key's
+        // products (not in bursts).
         const AHEAD: usize = 2;
         let key_at =
             |block: u32, x: usize| k.as_ptr().add((block as usize * 16 + x) * width + offset);
-        let ask = |p: *const f16, lines: usize, hint: i32| {
-            for l in 0..lines {
-                match hint {
-                    _MM_HINT_T0 => _mm_prefetch::<_MM_HINT_T0>(p.add(32 * l) as *const i8),
-                    _ => _mm_prefetch::<_MM_HINT_T1>(p.add(32 * l) as *const i8),
-                }
-            }
-        };
+        let lines = hd / 32;
         for &b in blocks.iter().take(used.min(AHEAD)) {
-            (0..16).for_each(|x| ask(key_at(b, x), hd / 32, _MM_HINT_T0));
+            (0..16).for_each(|x| super::ask::<_MM_HINT_T0>(key_at(b, x), lines));
         }
         for (bi, &block) in blocks.iter().enumerate().take(used) {
             // Asked for beside each key's products: a key of the block `AHEAD` on, and
@@ -691,9 +687,9 @@ mod decode512 {
             let vals = v.as_ptr().add((block as usize * width + offset) * 16);
             for (x, fx) in (0..16).zip(0..) {
                 if let Some(&b) = ahead {
-                    ask(key_at(b, x), hd / 32, _MM_HINT_T0);
+                    super::ask::<_MM_HINT_T0>(key_at(b, x), lines);
                 }
-                ask(vals.add(hd * x), hd / 32, _MM_HINT_T1);
+                super::ask::<_MM_HINT_T1>(vals.add(hd * x), lines);
                 let key = key_at(block, x);
                 let mut acc = [[zero; 4]; R];
                 for c in 0..hd / 64 {
