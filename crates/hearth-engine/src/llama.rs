@@ -224,6 +224,29 @@ impl<const N: usize> Fused<N> {
         Ok(out)
     }
 
+    /// The product of `x`'s rows (of the norm weight's length) through the RMS norm
+    /// with weight `w`: with a stacked matrix, each row is normed in the matmul's own
+    /// pass over the rows, where it is quantized.
+    fn forward_normed(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        eps: f32,
+        out: [&mut Vec<f32>; N],
+    ) -> Result<(), EngineError> {
+        let h = w.len();
+        let rows = x.len() / h;
+        let make = |rs: Range<usize>, o: &mut [f32]| {
+            rms_norm_here(&x[rs.start * h..rs.end * h], w, eps, o)
+        };
+        let input = Input::Made {
+            rows,
+            cols: h,
+            make: &make,
+        };
+        self.forward_into(input, rows, out)
+    }
+
     /// [`Self::forward_host`] into `out` (resized), reusing their allocations; a stacked
     /// matrix writes each projection's columns straight into its own buffer.
     fn forward_into(
@@ -822,22 +845,9 @@ impl Llama {
         att.resize(rows * qw, 0.0);
         let att = &mut att[..rows * qw];
         let eps = c.rms_norm_eps;
-        // Rows of `x` through a norm, made where the next matmul quantizes them.
-        let normed = |x: &[f32], rs: Range<usize>, w: &[f32], out: &mut [f32]| {
-            rms_norm_here(&x[rs.start * h..rs.end * h], w, eps, out)
-        };
         for (layer, b) in self.blocks.iter().enumerate() {
-            let xs = &x[..];
-            let make = |rs: Range<usize>, o: &mut [f32]| normed(xs, rs, &b.attn_norm.host, o);
-            b.qkv.forward_into(
-                Input::Made {
-                    rows,
-                    cols: h,
-                    make: &make,
-                },
-                rows,
-                [&mut *q, &mut *k, &mut *v],
-            )?;
+            b.qkv
+                .forward_normed(x, &b.attn_norm.host, eps, [&mut *q, &mut *k, &mut *v])?;
             if let Some(bias) = &b.qkv_bias {
                 for (t, bias) in [&mut *q, &mut *k, &mut *v].into_iter().zip(bias) {
                     for row in t.chunks_exact_mut(bias.host.len()) {
@@ -920,17 +930,8 @@ impl Llama {
             drop(calls);
             // The residuals are added by the matmuls as they store their products.
             b.wo.apply(Input::Rows(att), rows, x, Output::Add)?;
-            let xs = &x[..];
-            let make = |rs: Range<usize>, o: &mut [f32]| normed(xs, rs, &b.ffn_norm.host, o);
-            b.gate_up.forward_into(
-                Input::Made {
-                    rows,
-                    cols: h,
-                    make: &make,
-                },
-                rows,
-                [&mut *gate, &mut *up],
-            )?;
+            b.gate_up
+                .forward_normed(x, &b.ffn_norm.host, eps, [&mut *gate, &mut *up])?;
             let (g, u) = (&gate[..], &up[..]);
             let inter = g.len() / rows;
             let act = |rs: Range<usize>, o: &mut [f32]| {
