@@ -141,25 +141,25 @@ impl QMatrix {
         self.matmul_into(input, m, &dest, output);
     }
 
-    /// [`Self::matmul`] with each output row in a buffer of its own (`out[i]` = row `i`,
-    /// all `rows()` columns): a batch's logits, one vector per sequence, with no copy.
-    pub fn matmul_rows(&self, x: &[f32], out: &mut [&mut [f32]]) {
-        let k = self.k;
-        assert_eq!(x.len(), out.len() * k, "one output row per activation row");
-        assert!(
-            out.iter().all(|r| r.len() == self.rows()),
-            "output rows of rows() columns"
-        );
-        if out.is_empty() {
-            return;
+    /// [`Self::matmul`] with each output row in a vector of its own (row `i` of `x`'s
+    /// product: all `rows()` columns): a batch's logits, one vector per sequence, with
+    /// no copy and no zeroing first (16 sequences' logits are 3 MB a step).
+    pub fn matmul_rows(&self, x: &[f32]) -> Vec<Vec<f32>> {
+        let (n, k) = (self.rows(), self.k);
+        assert_eq!(x.len() % k, 0, "activation length is not a multiple of k");
+        let m = x.len() / k;
+        let mut out: Vec<Vec<f32>> = (0..m).map(|_| Vec::with_capacity(n)).collect();
+        if m == 0 {
+            return out;
         }
         let rows = out.iter_mut().map(|r| OutPtr(r.as_mut_ptr())).collect();
-        self.matmul_into(
-            Input::Rows(x),
-            out.len(),
-            &[(0, self.rows(), rows)],
-            Output::Set,
-        );
+        self.matmul_into(Input::Rows(x), m, &[(0, n, rows)], Output::Set);
+        for r in &mut out {
+            // SAFETY: the one part covers the matrix's rows, so the matmul stored every
+            // one of the `n` columns of every row (within the capacity of `n`).
+            unsafe { r.set_len(n) };
+        }
+        out
     }
 
     /// The product of `m` activation rows, column `j` of row `c` written through
@@ -182,15 +182,23 @@ impl QMatrix {
             match input {
                 Input::Rows(x) => quantize_acts(&x[rows.start * k..rows.end * k], bias, q),
                 Input::Made { make, .. } => crate::with_reused(&MADE, |x| {
-                    x.resize(rows.len() * k, 0.0);
-                    make(rows, x);
-                    quantize_acts(x, bias, q)
+                    // Grown, never cut: a cut refilled by the next longer call would be
+                    // a pass of its own (`make` writes every value it is given).
+                    let len = rows.len() * k;
+                    if x.len() < len {
+                        x.resize(len, 0.0);
+                    }
+                    make(rows, &mut x[..len]);
+                    quantize_acts(&x[..len], bias, q)
                 }),
             }
         };
         let add = output == Output::Add;
         crate::with_reused(&ACTS, |acts| {
-            acts.resize(m * nb, Act::default());
+            // Grown, never cut, for the same reason (every block is written before read).
+            if acts.len() < m * nb {
+                acts.resize(m * nb, Act::default());
+            }
             let acts = &mut acts[..m * nb];
             // A few rows a task (made rows often come in groups faster than one by one,
             // e.g. norms), two tasks or more per thread.
@@ -363,16 +371,15 @@ mod tests {
             assert_eq!(&b[i * 16..(i + 1) * 16], &row[5..21]);
             assert_eq!(&c[i * 16..(i + 1) * 16], &row[21..]);
         }
-        // Each row in a buffer of its own: the same numbers.
-        let mut rows: Vec<Vec<f32>> = (0..m).map(|_| vec![f32::NAN; n]).collect();
-        let mut views: Vec<&mut [f32]> = rows.iter_mut().map(|r| &mut r[..]).collect();
-        w.matmul_rows(&x, &mut views);
+        // Each row in a vector of its own: the same numbers.
+        let rows = w.matmul_rows(&x);
+        assert_eq!(rows.len(), m);
         for (i, r) in rows.iter().enumerate() {
             assert_eq!(&r[..], &out[i * n..(i + 1) * n], "row {i} on its own");
         }
         // No rows: nothing to do.
         w.matmul(&[], &mut []);
-        w.matmul_rows(&[], &mut []);
+        assert!(w.matmul_rows(&[]).is_empty());
         // Batching does not change any row's result.
         let mut single = vec![0f32; n];
         w.matmul(&x[2 * k..3 * k], &mut single);

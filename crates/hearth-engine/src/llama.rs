@@ -93,12 +93,7 @@ impl Linear {
     /// [`Self::forward_host`] with each row in a vector of its own (a batch's logits).
     fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<Vec<f32>>, EngineError> {
         match self {
-            Linear::Native(w) => {
-                let mut rows: Vec<Vec<f32>> = (0..m).map(|_| vec![0f32; w.rows()]).collect();
-                let mut views: Vec<&mut [f32]> = rows.iter_mut().map(|r| &mut r[..]).collect();
-                w.matmul_rows(x, &mut views);
-                Ok(rows)
-            }
+            Linear::Native(w) => Ok(w.matmul_rows(x)),
             _ => {
                 let out = self.forward_host(x, m)?;
                 Ok(out
