@@ -434,10 +434,8 @@ fn attend_with(
 /// hardware's prefetchers find no stream.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn ask<const HINT: i32>(p: *const f16, lines: usize) {
-    for l in 0..lines {
-        std::arch::x86_64::_mm_prefetch::<HINT>(p.add(32 * l) as *const i8);
-    }
+fn ask<const HINT: i32>(p: *const f16, lines: usize) {
+    crate::prefetch_lines::<HINT>(p as *const u8, lines)
 }
 
 /// [`decode512`] for CPUs with AVX2 but not AVX-512: one query row of one head over an

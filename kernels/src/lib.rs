@@ -70,6 +70,17 @@ pub(crate) fn with_reused<T: Default, R>(
     })
 }
 
+/// Asks for `lines` 64-byte cache lines from `p` (prefetch `HINT`). A prefetch never
+/// faults, so `p` may point anywhere, even past the end of an allocation.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_lines<const HINT: i32>(p: *const u8, lines: usize) {
+    for l in 0..lines {
+        // SAFETY: SSE is baseline on x86-64; a prefetch reads nothing the program sees.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(64 * l) as *const i8) };
+    }
+}
+
 /// Whether the switch `HEARTH_NO_<name>` (set, non-empty, not `0`) turns a path off.
 pub(crate) fn switched_off(var: &str) -> bool {
     std::env::var_os(var).is_some_and(|v| !v.is_empty() && v != "0")

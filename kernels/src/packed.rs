@@ -545,9 +545,10 @@ mod x86 {
     unsafe fn prefetch_next(g: Group, b: usize) {
         let first = b * g.prefetch;
         let end = (first + g.prefetch).min(g.stride / 64);
-        for line in first..end {
-            _mm_prefetch::<_MM_HINT_T0>(g.next.wrapping_add(64 * line) as *const i8);
-        }
+        crate::prefetch_lines::<_MM_HINT_T0>(
+            g.next.wrapping_add(64 * first),
+            end.saturating_sub(first),
+        );
     }
 
     // ---- AVX-512 VNNI: 16 rows per register ----
