@@ -965,8 +965,8 @@ mod x86 {
                 .tile(7, QK / 4, 64)
         });
         // Chunk `k` (blocks `2k, 2k + 1`) is multiplied into tiles `2(k % 2)` and
-        // `2(k % 2) + 1`, and stored a turn later, when its products are done: a tile
-        // store waits for its product, and the loads behind it wait for the store.
+        // `2(k % 2) + 1`, and stored a turn later, by when its products are likely done
+        // (a tile store right behind its product waits for it).
         let products = |k: usize| {
             use crate::amx::product;
             let b = k * CHUNK;
