@@ -932,8 +932,8 @@ mod x86 {
     /// into its own tile: while the vector units scale one pair's sums, the next pair's
     /// tiles are stored and the pair after it multiplied (two stores of sums and two
     /// pairs of tiles, alternating). Measured against four blocks at a time with each
-    /// tile stored right behind its product: the Q8_0 output matrix at 16 rows −12%, the
-    /// Q4_1 matrices unchanged.
+    /// tile stored right behind its product (one core, 16 rows): the Q8_0 output matrix
+    /// 3.2 → 2.7 ms, the Q4_1 matrices unchanged.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn tiles<const MIN: bool>(

@@ -192,7 +192,7 @@ mod x86 {
         let q = _mm256_set_m128i(_mm512_cvtepi32_epi8(r1), _mm512_cvtepi32_epi8(r0));
         _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, q);
         if bias == 0 {
-            // Formats with a minimum instead of a bias: no corrections.
+            // Formats without a bias (a minimum, or signed values): every correction is 0.
             (b.neg, b.neg_lo, b.neg_hi) = ([0; 8], 0, 0);
             return _mm512_add_epi32(r0, r1);
         }
