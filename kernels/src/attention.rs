@@ -367,8 +367,12 @@ fn attend_with(
             .rev()
             .find(|r| n_rep.is_multiple_of(*r))
             .unwrap_or(1);
-        let scratch = || (vec![0f32; group * padded], vec![0f32; group * padded]);
-        let head = |(w, p): &mut (Vec<f32>, Vec<f32>), (i, o): (usize, &mut [f32])| {
+        let scratch = || {
+            let cells = vec![0f32; group * padded];
+            (cells.clone(), cells, Vec::new())
+        };
+        let head = |(w, p, offs): &mut (Vec<f32>, Vec<f32>, Vec<usize>),
+                    (i, o): (usize, &mut [f32])| {
             let h = i * group;
             let g = h / n_rep;
             let q = &q[h * hd..(h + group) * hd];
@@ -388,10 +392,14 @@ fn attend_with(
             unsafe {
                 match group {
                     1 if !avx512 => decode256::head(c, q, w, p, o),
-                    1 => decode512::heads::<1>(c, q, w, p, o),
-                    2 => decode512::heads::<2>(c, q, w, p, o),
-                    3 => decode512::heads::<3>(c, q, w, p, o),
-                    _ => decode512::heads::<4>(c, q, w, p, o),
+                    1 if hd == 64 => decode512::heads::<1, 64>(c, q, w, p, offs, o),
+                    1 => decode512::heads::<1, 128>(c, q, w, p, offs, o),
+                    2 if hd == 64 => decode512::heads::<2, 64>(c, q, w, p, offs, o),
+                    2 => decode512::heads::<2, 128>(c, q, w, p, offs, o),
+                    3 if hd == 64 => decode512::heads::<3, 64>(c, q, w, p, offs, o),
+                    3 => decode512::heads::<3, 128>(c, q, w, p, offs, o),
+                    _ if hd == 64 => decode512::heads::<4, 64>(c, q, w, p, offs, o),
+                    _ => decode512::heads::<4, 128>(c, q, w, p, offs, o),
                 }
             }
         };
@@ -635,11 +643,12 @@ mod decode512 {
     // `r` indexes the heads' parallel arrays of registers (queries, accumulators, sums).
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
-    pub(super) unsafe fn heads<const R: usize>(
+    pub(super) unsafe fn heads<const R: usize, const HD: usize>(
         c: super::InPlace<'_>,
         q: &[f32],
         w: &mut [f32],
         p: &mut [f32],
+        offs: &mut Vec<usize>,
         out: &mut [f32],
     ) {
         let super::InPlace {
@@ -652,7 +661,9 @@ mod decode512 {
             total,
             scale,
         } = c;
-        let hd = q.len() / R;
+        // A constant head size: the key loop unrolls and the queries stay in registers.
+        let hd = HD;
+        debug_assert_eq!(q.len(), R * HD);
         let chunks = hd / 16;
         let zero = _mm512_setzero_ps();
         // The queries meet the keys as f16.
@@ -729,36 +740,111 @@ mod decode512 {
         } else {
             (1u16 << (total % 16)) - 1
         };
+        // Where each block's values begin, looked up once for all output dims (not once
+        // per dim and block), and how many blocks are read whole.
+        offs.clear();
+        offs.extend(
+            blocks[..used]
+                .iter()
+                .map(|&b| (b as usize * width + offset) * 16),
+        );
+        let whole = if total.is_multiple_of(16) {
+            used
+        } else {
+            used - 1
+        };
+        let vals = Values {
+            v: v.as_ptr(),
+            offs,
+            p,
+            padded,
+            used,
+            whole,
+            tail,
+        };
+        // Two output dims a round where their accumulators fit the registers beside the
+        // heads' (each head's probabilities are then loaded once for both).
         for d0 in (0..hd).step_by(16) {
-            for (d, fd) in (d0..d0 + 16).zip(0..) {
-                let mut acc = [[zero; 4]; R];
-                // Block `bi` into accumulator `bi % 4`, four blocks a round so that the
-                // accumulator's index is a constant (registers, not the stack).
-                for b4 in (0..used).step_by(4) {
-                    for i in 0..4 {
-                        let bi = b4 + i;
-                        if bi >= used {
-                            break;
-                        }
-                        let row = (blocks[bi] as usize * width + offset + d) * 16;
-                        let m = if bi + 1 == used { tail } else { 0xffff };
-                        let x = _mm512_maskz_cvtph_ps(
-                            m,
-                            _mm256_loadu_si256(v.as_ptr().add(row) as *const __m256i),
-                        );
-                        for r in 0..R {
-                            let pv = _mm512_loadu_ps(p.add(r * padded + 16 * bi));
-                            acc[r][i] = _mm512_fmadd_ps(x, pv, acc[r][i]);
-                        }
-                    }
-                }
-                for r in 0..R {
-                    let a = &acc[r];
-                    f[r][fd] = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-                }
+            if R <= 3 {
+                values::<R, 2>(&vals, d0, &mut f);
+            } else {
+                values::<R, 1>(&vals, d0, &mut f);
             }
             for r in 0..R {
                 _mm512_storeu_ps(out.as_mut_ptr().add(r * hd + d0), sums16(&f[r]));
+            }
+        }
+    }
+
+    /// What [`values`] reads: the value cache, where each used block's values begin,
+    /// the heads' probabilities (`padded` apart), and which blocks are read whole.
+    struct Values<'a> {
+        v: *const f16,
+        offs: &'a [usize],
+        p: *const f32,
+        padded: usize,
+        used: usize,
+        whole: usize,
+        tail: __mmask16,
+    }
+
+    /// Output dims `d0..d0 + 16` of `R` heads, `D` dims a round: `f[r][x]` gets dim
+    /// `d0 + x`'s four accumulators folded, block `bi` having gone into accumulator
+    /// `bi % 4` (four whole blocks a round, so that the index is a constant).
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn values<const R: usize, const D: usize>(
+        c: &Values<'_>,
+        d0: usize,
+        f: &mut [[__m512; 16]; R],
+    ) {
+        let zero = _mm512_setzero_ps();
+        let (p, padded, offs) = (c.p, c.padded, c.offs);
+        // Dim `d` of block `bi`'s 16 cells (`offs` has an entry for each used block).
+        let row = |bi: usize, d: usize| c.v.add(*offs.get_unchecked(bi) + 16 * d) as *const __m256i;
+        for x0 in (0..16).step_by(D) {
+            let mut acc = [[[zero; 4]; R]; D];
+            let mut b4 = 0;
+            while b4 + 4 <= c.whole {
+                for i in 0..4 {
+                    let bi = b4 + i;
+                    let mut xs = [zero; D];
+                    for e in 0..D {
+                        xs[e] = _mm512_cvtph_ps(_mm256_loadu_si256(row(bi, d0 + x0 + e)));
+                    }
+                    for r in 0..R {
+                        let pv = _mm512_loadu_ps(p.add(r * padded + 16 * bi));
+                        for e in 0..D {
+                            acc[e][r][i] = _mm512_fmadd_ps(xs[e], pv, acc[e][r][i]);
+                        }
+                    }
+                }
+                b4 += 4;
+            }
+            // The rest: up to three whole blocks and the partly filled last one.
+            for i in 0..4 {
+                let bi = b4 + i;
+                if bi >= c.used {
+                    break;
+                }
+                let m = if bi < c.whole { 0xffff } else { c.tail };
+                let mut xs = [zero; D];
+                for e in 0..D {
+                    xs[e] = _mm512_maskz_cvtph_ps(m, _mm256_loadu_si256(row(bi, d0 + x0 + e)));
+                }
+                for r in 0..R {
+                    let pv = _mm512_loadu_ps(p.add(r * padded + 16 * bi));
+                    for e in 0..D {
+                        acc[e][r][i] = _mm512_fmadd_ps(xs[e], pv, acc[e][r][i]);
+                    }
+                }
+            }
+            for e in 0..D {
+                for r in 0..R {
+                    let a = &acc[e][r];
+                    f[r][x0 + e] =
+                        _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+                }
             }
         }
     }
@@ -1262,7 +1348,7 @@ mod tests {
                     .map(|i| f16::from_f32(f(i + 5)))
                     .collect();
                 let q: Vec<f32> = (0..s.heads * hd).map(|i| f(i + 13) * 3.0).collect();
-                for pos in [0usize, 14, 15, 16, 17, 63, 64, 65, 100] {
+                for pos in [0usize, 14, 15, 16, 17, 63, 64, 65, 100, 127, 128, 143, 191] {
                     let used = (pos + 1).div_ceil(bs);
                     // Blocks out of order; the last block's unused cells hold stale values.
                     let blocks: Vec<u32> = (0..used as u32).map(|b| (b * 5 + 11) % 12).collect();
