@@ -148,7 +148,13 @@ mod x86 {
             let idv = _mm512_permutexvar_ps(_mm512_set1_epi32(j as i32), id);
             *sum = values(at(j, 0), at(j, 1), idv, bias, b);
         }
-        let sum = across16(&sums.map(|s| _mm512_castsi512_ps(s)), |a, b| {
+        // A loop, not `sums.map(..)`: a closure does not inherit this function's target
+        // features, and `map` left each cast as a call (seen in a serving profile).
+        let mut sf = [zero; 16];
+        for (f, &s) in sf.iter_mut().zip(&sums) {
+            *f = _mm512_castsi512_ps(s);
+        }
+        let sum = across16(&sf, |a, b| {
             _mm512_castsi512_ps(_mm512_add_epi32(
                 _mm512_castps_si512(a),
                 _mm512_castps_si512(b),
