@@ -162,78 +162,131 @@ impl Sampler {
 
     /// Picks the next token. `history` is every token of the sequence so far (prompt and
     /// generated); penalties look at its last `penalty_last_n`.
+    ///
+    /// Whole-vocabulary passes are vector loops (the maximum, the weights `exp(x − max)`
+    /// of `x = logit / T`, their sums) over a buffer kept on this thread, and top-p sorts
+    /// only as many of the most likely tokens as it needs: a scheduler samples every
+    /// sequence of a step one after another, while the compute team waits.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.apply_penalties(logits, history);
         let p = &self.params;
         if p.is_greedy() {
             return argmax(logits);
         }
+        let t = p.temperature;
+        let max_logit = hearth_kernels::math::max_above_neg_inf(logits);
         // Only candidates that can survive min-p are kept: p_i >= min_p * p_max means
         // l_i >= l_max + T ln(min_p). (Cheap, and it spares sorting the whole vocabulary.)
-        let max_logit = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let floor = if p.min_p > 0.0 {
-            max_logit + p.temperature * p.min_p.ln()
+            max_logit + t * p.min_p.ln()
         } else {
             f32::NEG_INFINITY
         };
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| (l.is_finite() || **l == f32::INFINITY) && **l >= floor)
-            .map(|(i, &l)| (i as u32, l / p.temperature))
-            .collect();
-        if cand.is_empty() {
+        // A candidate is a logit that is not NaN, above −∞ (or +∞) and at least `floor`.
+        let ok = |l: f32| l > f32::NEG_INFINITY && l >= floor;
+        if !ok(max_logit) {
             return argmax(logits);
         }
-        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
-            // Plain temperature: draw from the whole distribution, no order needed.
-            let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-            let probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
-            let mut r = self.rng.next_f64() * probs.iter().sum::<f64>();
-            for (c, pr) in cand.iter().zip(&probs) {
+        let max = max_logit / t;
+        if !max.is_finite() {
+            // A +∞ logit, or a temperature so small that the top logit over it overflows:
+            // infinitely more likely than the rest, the first of them (greedy).
+            return argmax(logits);
+        }
+        SCRATCH.with(|scratch| {
+            let Scratch { weights: w, cand } = &mut *scratch.borrow_mut();
+            // Each token's weight, 0 for those that are no candidate.
+            w.clear();
+            w.extend(
+                logits
+                    .iter()
+                    .map(|&l| if ok(l) { l / t } else { f32::NEG_INFINITY }),
+            );
+            hearth_kernels::math::exp_below(w, max);
+            if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+                // Plain temperature: draw from the whole distribution, no order needed.
+                return draw(w, self.rng.next_f64());
+            }
+            // Most likely first; the lower id first among equals.
+            let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+            let weight = |c: &(u32, f32)| w[c.0 as usize] as f64;
+            // Every candidate's weight (the others weigh 0).
+            let all = sum_f64(w);
+            // The candidates with x >= max − depth, in order: the most likely tokens, a
+            // prefix of the whole order. The depth grows until they hold what top-k and
+            // top-p take (a top-p nucleus is rarely past e^−8 of the top token's weight),
+            // so a vocabulary is filtered, not sorted. Min-p alone takes every candidate
+            // (its floor has already cut them to the few it can keep).
+            let mut depth = if p.top_k == 0 && p.top_p >= 1.0 {
+                f32::INFINITY
+            } else {
+                8.0
+            };
+            let (probs, mut keep) = loop {
+                let tau = max - depth;
+                cand.clear();
+                cand.extend(
+                    logits
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &l)| ok(l) && l / t >= tau)
+                        .map(|(i, &l)| (i as u32, l / t)),
+                );
+                let deepest = depth == f32::INFINITY;
+                depth = if depth < 24.0 {
+                    3.0 * depth
+                } else {
+                    f32::INFINITY
+                };
+                let k = p.top_k;
+                if k > cand.len() && !deepest {
+                    continue; // fewer than top-k so far
+                }
+                let sum = if k > 0 {
+                    // The top k (select them, then sort only those) are the distribution.
+                    if k < cand.len() {
+                        cand.select_nth_unstable_by(k - 1, order);
+                        cand.truncate(k);
+                    }
+                    cand.iter().map(weight).sum()
+                } else {
+                    all
+                };
+                cand.sort_unstable_by(order);
+                let probs: Vec<f64> = cand.iter().map(|c| weight(c) / sum).collect();
+                if p.top_p >= 1.0 {
+                    let n = probs.len();
+                    break (probs, n);
+                }
+                // The fewest tokens whose probabilities reach top-p.
+                let mut acc = 0.0;
+                let reached = probs.iter().position(|pr| {
+                    acc += pr;
+                    acc >= p.top_p as f64
+                });
+                match reached {
+                    Some(i) => break (probs, i + 1),
+                    None if deepest || k > 0 => {
+                        let n = probs.len();
+                        break (probs, n);
+                    }
+                    None => {}
+                }
+            };
+            if p.min_p > 0.0 {
+                let floor = probs[0] * p.min_p as f64;
+                keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+            }
+            let total: f64 = probs[..keep].iter().sum();
+            let mut r = self.rng.next_f64() * total;
+            for (i, pr) in probs[..keep].iter().enumerate() {
                 if r < *pr {
-                    return c.0;
+                    return cand[i].0;
                 }
                 r -= pr;
             }
-            return cand[cand.len() - 1].0;
-        }
-        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < cand.len() {
-            // Most likely first: select the top k, then sort only those.
-            cand.select_nth_unstable_by(p.top_k - 1, order);
-            cand.truncate(p.top_k);
-        }
-        cand.sort_unstable_by(order);
-        // Softmax over the survivors.
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
-        let sum: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= sum);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, pr) in probs.iter().enumerate() {
-                acc += pr;
-                if acc >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p as f64;
-            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
-        }
-        let total: f64 = probs[..keep].iter().sum();
-        let mut r = self.rng.next_f64() * total;
-        for (i, pr) in probs[..keep].iter().enumerate() {
-            if r < *pr {
-                return cand[i].0;
-            }
-            r -= pr;
-        }
-        cand[keep - 1].0
+            cand[keep - 1].0
+        })
     }
 
     fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
@@ -275,15 +328,59 @@ impl Sampler {
 
 /// Index of the largest logit; the lowest index wins ties, as in llama.cpp.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best_v = v;
-            best = i;
+    hearth_kernels::math::argmax(logits) as u32
+}
+
+/// The sampler's buffers, kept on the thread that samples (a vocabulary's worth each:
+/// allocated per token, they were pages mapped and zeroed per token).
+#[derive(Default)]
+struct Scratch {
+    weights: Vec<f32>,
+    cand: Vec<(u32, f32)>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Sum in f64, 8 partial sums side by side (one chain per lane, not one long chain).
+fn sum_f64(w: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = w.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += x as f64;
         }
     }
-    best as u32
+    lanes.iter().sum::<f64>() + rest
+}
+
+/// The token at `u` (uniform in [0, 1)) of the way through the weights `w`: blocks of
+/// 256 summed, the block found, then the token in it.
+fn draw(w: &[f32], u: f64) -> u32 {
+    const B: usize = 256;
+    let sums: Vec<f64> = w.chunks(B).map(sum_f64).collect();
+    let mut r = u * sums.iter().sum::<f64>();
+    let last_of = |b: usize| {
+        let block = &w[b * B..(b * B + B).min(w.len())];
+        (b * B + block.iter().rposition(|&x| x > 0.0).unwrap_or(0)) as u32
+    };
+    for (b, &s) in sums.iter().enumerate() {
+        if r < s {
+            for (i, &x) in w[b * B..(b * B + B).min(w.len())].iter().enumerate() {
+                if r < x as f64 {
+                    return (b * B + i) as u32;
+                }
+                r -= x as f64;
+            }
+            // Rounding left `r` past the block's own sum: its last token with weight.
+            return last_of(b);
+        }
+        r -= s;
+    }
+    // Rounding left `r` past the end: the last token with any weight.
+    last_of(sums.iter().rposition(|&s| s > 0.0).unwrap_or(0))
 }
 
 /// log-softmax of one logit row, for logprobs.
@@ -357,6 +454,20 @@ mod tests {
     }
 
     #[test]
+    fn a_vanishing_temperature_is_greedy() {
+        for f in [
+            (|_: &mut SamplingParams| {}) as fn(&mut SamplingParams),
+            |p| p.top_p = 0.9,
+        ] {
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = 1e-38;
+                f(p)
+            }));
+            assert_eq!(s.sample(&mut [1.0, 300.0, 299.0, f32::NAN], &[]), 1);
+        }
+    }
+
+    #[test]
     fn top_k_one_is_greedy() {
         let mut s = Sampler::new(params(|p| {
             p.temperature = 5.0;
@@ -391,6 +502,112 @@ mod tests {
             .map(|_| s.sample(&mut logits.clone(), &[]))
             .collect();
         assert_eq!(seen, [0, 1].into_iter().collect());
+    }
+
+    /// A vocabulary-sized row (a permuted, slowly falling distribution whose top-p
+    /// nucleus is past the first selection of 64): every draw lies in the nucleus a full
+    /// sort gives, and the most likely token comes as often as its share of it says;
+    /// tokens that are NaN or −∞ never come.
+    #[test]
+    fn top_p_over_a_vocabulary_keeps_the_nucleus() {
+        let n = 50_000usize;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut perm: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            perm.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let mut logits = vec![0f32; n];
+        for (rank, &tok) in perm.iter().enumerate() {
+            logits[tok] = -(rank as f32) * 0.01;
+        }
+        logits[perm[n - 1]] = f32::NAN;
+        logits[perm[n - 2]] = f32::NEG_INFINITY;
+        // The nucleus by a full sort in f64.
+        let weights: Vec<f64> = (0..n - 2).map(|r| (-(r as f64) * 0.01).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let size = weights
+            .iter()
+            .position(|w| {
+                acc += w / total;
+                acc >= 0.5
+            })
+            .unwrap()
+            + 1;
+        assert!(
+            size > 64,
+            "the nucleus ({size}) must be past the first selection"
+        );
+        let nucleus: std::collections::HashSet<u32> =
+            perm[..size].iter().map(|&t| t as u32).collect();
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 1.0;
+            p.top_p = 0.5;
+            p.seed = 11;
+        }));
+        let draws = 10_000;
+        let mut top = 0;
+        for _ in 0..draws {
+            // No penalties: the row is not changed.
+            let t = s.sample(&mut logits, &[]);
+            assert!(nucleus.contains(&t), "token {t} is outside the nucleus");
+            top += (t as usize == perm[0]) as usize;
+        }
+        let want = weights[0] / weights[..size].iter().sum::<f64>();
+        let got = top as f64 / draws as f64;
+        assert!((got - want).abs() < 0.006, "top token {got} vs {want}");
+    }
+
+    /// Plain temperature over a vocabulary-sized row: the heavy tokens come as often as
+    /// their probabilities say, the tail as a whole too, and NaN or −∞ tokens never.
+    #[test]
+    fn temperature_over_a_vocabulary_follows_the_distribution() {
+        let n = 50_000usize;
+        let mut logits = vec![-5f32; n];
+        logits[123] = 5.0;
+        logits[40_000] = 4.0;
+        logits[49_999] = 3.0;
+        logits[7] = f32::NAN;
+        logits[8] = f32::NEG_INFINITY;
+        let e = |x: f64| x.exp();
+        let total = e(5.0) + e(4.0) + e(3.0) + (n - 5) as f64 * e(-5.0);
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 1.0;
+            p.seed = 5;
+        }));
+        let draws = 20_000;
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..draws {
+            let t = s.sample(&mut logits, &[]);
+            assert!(t != 7 && t != 8, "a NaN or −∞ token was drawn");
+            *counts.entry(t).or_insert(0usize) += 1;
+        }
+        for (tok, logit) in [(123u32, 5.0), (40_000, 4.0), (49_999, 3.0)] {
+            let got = counts.get(&tok).copied().unwrap_or(0) as f64 / draws as f64;
+            let want = e(logit) / total;
+            assert!((got - want).abs() < 0.01, "token {tok}: {got} vs {want}");
+        }
+    }
+
+    /// The block-wise draw lands on the token whose share of the total covers `u`, never
+    /// on a token of weight 0, at the ends of [0, 1) too.
+    #[test]
+    fn draw_lands_on_weighted_tokens() {
+        let mut w = vec![0f32; 1_000];
+        w[3] = 1.0;
+        w[300] = 2.0;
+        w[999] = 1.0;
+        assert_eq!(draw(&w, 0.0), 3);
+        assert_eq!(draw(&w, 0.2), 3);
+        assert_eq!(draw(&w, 0.3), 300);
+        assert_eq!(draw(&w, 0.74), 300);
+        assert_eq!(draw(&w, 0.76), 999);
+        assert_eq!(draw(&w, 1.0 - f64::EPSILON), 999);
+        let one = [0.0, 0.0, 0.5];
+        assert_eq!(draw(&one, 0.999_999), 2);
     }
 
     #[test]
