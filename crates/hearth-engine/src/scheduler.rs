@@ -566,8 +566,15 @@ impl Scheduler<'_> {
                 .and_then(Option::take)
                 .unwrap_or_else(|| Err(GrammarError("the token mask was not computed".into())))
         };
-        for (k, ((i, input), mut l)) in chosen.into_iter().zip(logits).enumerate() {
+        // First the sequences' bookkeeping, log-probabilities and grammar masks, one after
+        // another; then the draws of all that sample, spread over the compute team (a
+        // draw is a few passes over the vocabulary, 16 of them a step); then what each
+        // drawn token does.
+        let mut logits = logits;
+        let mut pending = Vec::with_capacity(chosen.len());
+        for (k, (i, input)) in chosen.into_iter().enumerate() {
             let s = &mut self.running[i];
+            let l = &mut logits[k];
             let decode = input.len() == 1 && input.start >= s.prompt_len;
             if !decode {
                 self.stats
@@ -578,10 +585,10 @@ impl Scheduler<'_> {
             if s.done < s.tokens.len() {
                 continue; // more prompt to go
             }
-            let lp = s.logprobs.map(|n| (log_softmax(&l), n));
+            let lp = s.logprobs.map(|n| (log_softmax(l), n));
             if s.constraint.is_some() {
                 let masked = mask_of(k).and_then(|m| {
-                    if m.apply(&mut l) {
+                    if m.apply(l) {
                         Ok(())
                     } else {
                         Err(GrammarError("the grammar allows no token here".into()))
@@ -610,12 +617,12 @@ impl Scheduler<'_> {
                     continue;
                 }
             }
-            let history = if s.sampler.params().penalize_prompt {
-                &s.tokens[..]
-            } else {
-                &s.tokens[s.prompt_len..]
-            };
-            let tok = s.sampler.sample(&mut l, history);
+            pending.push((i, k, lp));
+        }
+        let rows: Vec<(usize, usize)> = pending.iter().map(|&(i, k, _)| (i, k)).collect();
+        let toks = self.draw(&rows, &mut logits);
+        for ((i, _, lp), tok) in pending.into_iter().zip(toks) {
+            let s = &mut self.running[i];
             let eog = self.model.info.tokenizer.is_eog(tok);
             if eog && (!s.ignore_eos || s.constraint.is_some()) {
                 s.finish(FinishReason::Stop);
@@ -683,6 +690,59 @@ impl Scheduler<'_> {
             let mut s = self.running.remove(i);
             self.cache.release(&mut s.table);
         }
+    }
+
+    /// The next token of each `(sequence, logits row)` in `pending` (distinct
+    /// sequences), drawn side by side over the compute team: each sequence's draw
+    /// depends on its own sampler and history alone.
+    fn draw(&mut self, pending: &[(usize, usize)], logits: &mut [Vec<f32>]) -> Vec<u32> {
+        struct Draw<'a> {
+            at: usize,
+            sampler: &'a mut Sampler,
+            history: &'a [u32],
+            row: &'a mut Vec<f32>,
+            tok: u32,
+        }
+        let mut row_of = vec![None; self.running.len()];
+        for (at, &(i, k)) in pending.iter().enumerate() {
+            row_of[i] = Some((at, k));
+        }
+        let mut rows: Vec<Option<&mut Vec<f32>>> = logits.iter_mut().map(Some).collect();
+        let mut jobs: Vec<Draw> = self
+            .running
+            .iter_mut()
+            .zip(&row_of)
+            .filter_map(|(s, of)| {
+                let (at, k) = (*of)?;
+                let history = if s.sampler.params().penalize_prompt {
+                    &s.tokens[..]
+                } else {
+                    &s.tokens[s.prompt_len..]
+                };
+                Some(Draw {
+                    at,
+                    sampler: &mut s.sampler,
+                    history,
+                    row: rows[k].take().expect("one row per sequence"),
+                    tok: 0,
+                })
+            })
+            .collect();
+        hearth_kernels::team::for_each_chunk_mut(
+            &mut jobs,
+            1,
+            || (),
+            |_, _, job| {
+                for d in job.iter_mut() {
+                    d.tok = d.sampler.sample(d.row, d.history);
+                }
+            },
+        );
+        let mut toks = vec![0; pending.len()];
+        for d in jobs {
+            toks[d.at] = d.tok;
+        }
+        toks
     }
 }
 
