@@ -383,15 +383,23 @@ fn draw(w: &[f32], u: f64) -> u32 {
     last_of(sums.iter().rposition(|&s| s > 0.0).unwrap_or(0))
 }
 
-/// log-softmax of one logit row, for logprobs.
+/// log-softmax of one logit row, for logprobs: `l − max − ln Σ exp(l − max)`, the sum
+/// over the vector `expf`'s weights in f64.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits
-        .iter()
-        .map(|&l| ((l - max) as f64).exp())
-        .sum::<f64>()
-        .ln() as f32
-        + max;
+    let max = hearth_kernels::math::max_above_neg_inf(logits);
+    let sum = SCRATCH.with(|scratch| {
+        let w = &mut scratch.borrow_mut().weights;
+        w.clear();
+        // NaN weighs nothing (as −∞ does).
+        w.extend(
+            logits
+                .iter()
+                .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }),
+        );
+        hearth_kernels::math::exp_below(w, max);
+        sum_f64(w)
+    });
+    let lse = sum.ln() as f32 + max;
     logits.iter().map(|&l| l - lse).collect()
 }
 
@@ -646,5 +654,26 @@ mod tests {
         let lp = log_softmax(&[1.0, 2.0, 3.0]);
         let s: f32 = lp.iter().map(|x| x.exp()).sum();
         assert!((s - 1.0).abs() < 1e-5);
+        // A vocabulary-sized row against f64, with −∞ and NaN entries.
+        let mut l: Vec<f32> = (0..49_152)
+            .map(|i| ((i * 7919 % 1000) as f32) * 0.02 - 10.0)
+            .collect();
+        l[5] = f32::NEG_INFINITY;
+        l[6] = f32::NAN;
+        let lp = log_softmax(&l);
+        let m = 9.98f64;
+        let lse = l
+            .iter()
+            .filter(|x| x.is_finite())
+            .map(|&x| (x as f64 - m).exp())
+            .sum::<f64>()
+            .ln()
+            + m;
+        for (i, (&a, &x)) in lp.iter().zip(&l).enumerate() {
+            if x.is_finite() {
+                assert!((a as f64 - (x as f64 - lse)).abs() < 1e-5, "[{i}] {a}");
+            }
+        }
+        assert_eq!(lp[5], f32::NEG_INFINITY);
     }
 }
