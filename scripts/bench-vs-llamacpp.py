@@ -7,12 +7,15 @@ context; tgN = N single-token decode steps from an empty context. Prints a markd
 table with mean ± sd per side and the per-repetition ratio hearth/llama.cpp
 (min / median / max).
 
+With -d D, the pp and tg tests start from D random tokens already in the context
+(llama-bench's -d; prefilled untimed before each repetition, on both sides).
+
 With -b B (default 16), also batched generation: B sequences decoding together, N steps
 of one token each from empty contexts, aggregate tokens/s. Ours: `hearth bench -b B`
 (one batched forward pass per step); theirs: llama.cpp's batch API (one `llama_decode`
 of B tokens with B sequence ids per step, through llama-cpp-python's bindings).
 
-Usage: scripts/bench-vs-llamacpp [-m MODEL] [-p 512] [-n 128] [-b 16] [-r 5] [-t 2]
+Usage: scripts/bench-vs-llamacpp [-m MODEL] [-p 512] [-n 128] [-b 16] [-d 0] [-r 5] [-t 2]
 """
 import argparse
 import json
@@ -32,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def hearth_once(args):
     out = subprocess.run(
         [args.hearth, "bench", "-m", args.model, "-p", str(args.p), "-n", str(args.n),
-         "-b", str(args.b), "-r", "1", "-t", str(args.t), "-o", "json",
+         "-b", str(args.b), "-d", str(args.d), "-r", "1", "-t", str(args.t), "-o", "json",
          "--arithmetic", args.arithmetic],
         check=True, capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
@@ -42,17 +45,23 @@ def hearth_once(args):
 def llama_once(llm, args, rng):
     vocab = llm.n_vocab()
     res = {}
+    at = f" @ d{args.d}" if args.d > 0 else ""
+    context = [rng.randrange(vocab) for _ in range(args.d)]
     toks = [rng.randrange(vocab) for _ in range(args.p)]
     llm.reset()
+    if context:
+        llm.eval(context)
     t = time.perf_counter()
     llm.eval(toks)
-    res[f"pp{args.p}"] = args.p / (time.perf_counter() - t)
+    res[f"pp{args.p}{at}"] = args.p / (time.perf_counter() - t)
     toks = [rng.randrange(vocab) for _ in range(args.n)]
     llm.reset()
+    if context:
+        llm.eval(context)
     t = time.perf_counter()
     for tok in toks:
         llm.eval([tok])
-    res[f"tg{args.n}"] = args.n / (time.perf_counter() - t)
+    res[f"tg{args.n}{at}"] = args.n / (time.perf_counter() - t)
     if args.b > 0:
         res[f"tg{args.n} b{args.b}"] = llama_batched(llm, args, rng)
     return res
@@ -107,6 +116,7 @@ def main():
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-b", type=int, default=16)
+    ap.add_argument("-d", type=int, default=0, help="tokens already in the context for pp and tg")
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("-t", type=int, default=2)
     ap.add_argument("--arithmetic", default="lanes", choices=["lanes", "blocks"],
@@ -114,7 +124,7 @@ def main():
     ap.add_argument("--hearth", default=os.path.join(ROOT, "target", "release", "hearth"))
     args = ap.parse_args()
 
-    llm = Llama(model_path=args.model, n_ctx=args.p + args.n + 16, n_batch=args.p, n_ubatch=args.p,
+    llm = Llama(model_path=args.model, n_ctx=args.d + args.p + args.n + 16, n_batch=args.p, n_ubatch=args.p,
                 n_threads=args.t, n_threads_batch=args.t, verbose=False)
     rng = random.Random(42)
     llama_once(llm, args, rng)  # warm-up
@@ -128,7 +138,8 @@ def main():
     print()
     print("| test | hearth t/s | llama.cpp t/s | ratio min | ratio median | ratio max |")
     print("| ---- | ---------: | ------------: | --------: | -----------: | --------: |")
-    tests = [f"pp{args.p}", f"tg{args.n}"] + ([f"tg{args.n} b{args.b}"] if args.b > 0 else [])
+    at = f" @ d{args.d}" if args.d > 0 else ""
+    tests = [f"pp{args.p}{at}", f"tg{args.n}{at}"] + ([f"tg{args.n} b{args.b}"] if args.b > 0 else [])
     for test in tests:
         a = [o[test] for o in ours]
         b = [t[test] for t in theirs]
@@ -136,7 +147,7 @@ def main():
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
         print(f"| {test} | {statistics.mean(a):.1f} ± {sd(a):.1f} | {statistics.mean(b):.1f} ± {sd(b):.1f} "
               f"| {ratios[0]:.2f} | {statistics.median(ratios):.2f} | {ratios[-1]:.2f} |")
-    if args.b > 0:
+    if args.b > 0 and args.d == 0:
         single = statistics.mean(o[f"tg{args.n}"] for o in ours)
         batched = statistics.mean(o[f"tg{args.n} b{args.b}"] for o in ours)
         single_l = statistics.mean(t[f"tg{args.n}"] for t in theirs)

@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// token each per step (reported as aggregate tokens/s); 0 skips the test.
     #[arg(short = 'b', long = "batch", default_value_t = 0)]
     batch: usize,
+    /// Tokens already in the context when the pp and tg tests run (llama-bench's `-d`):
+    /// prefilled before each repetition, untimed. Batched generation starts empty.
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    depth: usize,
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
@@ -73,9 +77,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let model = args.model.load()?;
     let ctx = model.context_length();
-    if args.n_prompt + args.n_gen >= ctx {
+    if args.n_prompt + args.n_gen >= ctx || args.depth + args.n_prompt.max(args.n_gen) >= ctx {
         anyhow::bail!(
-            "-p {} and -n {} do not fit the model's context of {ctx} tokens",
+            "-d {}, -p {} and -n {} do not fit the model's context of {ctx} tokens",
+            args.depth,
             args.n_prompt,
             args.n_gen
         );
@@ -88,21 +93,32 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // One block pool for every test; each repetition gives its blocks back.
     let mut cache = model.model.cache_for_sequences(args.batch.max(1))?;
     let mut samples = Vec::new();
+    // The context each pp/tg repetition starts from, and what its test is called.
+    let context = random_tokens(args.depth);
+    let at_depth = |test: String| {
+        if args.depth > 0 {
+            format!("{test} @ d{}", args.depth)
+        } else {
+            test
+        }
+    };
     if args.n_prompt > 0 {
         let tokens = random_tokens(args.n_prompt);
         // One warm-up pass, as llama-bench does.
         let mut table = BlockTable::new();
+        model.prefill(&mut cache, &mut table, &context)?;
         model.prefill(&mut cache, &mut table, &tokens)?;
         cache.release(&mut table);
         let mut tps = Vec::new();
         for _ in 0..args.repetitions {
+            model.prefill(&mut cache, &mut table, &context)?;
             let t = Instant::now();
             model.prefill(&mut cache, &mut table, &tokens)?;
             tps.push(args.n_prompt as f64 / t.elapsed().as_secs_f64());
             cache.release(&mut table);
         }
         samples.push(Sample {
-            test: format!("pp{}", args.n_prompt),
+            test: at_depth(format!("pp{}", args.n_prompt)),
             tokens_per_s: tps,
         });
     }
@@ -113,6 +129,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         cache.release(&mut table);
         let mut tps = Vec::new();
         for _ in 0..args.repetitions {
+            model.prefill(&mut cache, &mut table, &context)?;
             let t = Instant::now();
             for tok in &tokens {
                 let one = std::slice::from_ref(tok);
@@ -122,7 +139,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             cache.release(&mut table);
         }
         samples.push(Sample {
-            test: format!("tg{}", args.n_gen),
+            test: at_depth(format!("tg{}", args.n_gen)),
             tokens_per_s: tps,
         });
     }
