@@ -863,15 +863,6 @@ mod rows512 {
     use super::{round_up64, AttentionShape, KvView};
     use crate::math::x86::expf16;
 
-    /// `reduce16`'s tree across 16 registers: lane `k` of the result is
-    /// `reduce16([l[0][k], …, l[15][k]])`.
-    #[inline(always)]
-    unsafe fn tree(l: &[__m512; 16]) -> __m512 {
-        let t3: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(l[8 + i], l[i]));
-        let t6: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(t3[4 + i], t3[i]));
-        _mm512_add_ps(_mm512_add_ps(t6[0], t6[2]), _mm512_add_ps(t6[1], t6[3]))
-    }
-
     /// `reduce16` of one register's lanes: halves of 8, then 4, then (0+2) + (1+3).
     #[inline(always)]
     pub(super) unsafe fn reduce(v: __m512) -> f32 {
@@ -881,49 +872,47 @@ mod rows512 {
         _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
     }
 
-    /// A widened key row's length: `padded` cells and one line more, so that the rows of
-    /// a head (read 16 cells at a time down all of them) do not fall on the same few
-    /// cache sets, as a power-of-two stride makes them.
-    fn key_stride(padded: usize) -> usize {
+    /// A widened value row's length: `padded` cells and one line more, so that the rows
+    /// of a head (read 16 cells at a time down several of them) do not fall on the same
+    /// few cache sets, as a power-of-two stride makes them.
+    fn value_stride(padded: usize) -> usize {
         padded + 16
     }
 
-    /// Keys `[kv_head][d][cell]` (rows of [`key_stride`]) and values
-    /// `[kv_head][cell][d]`, `padded` cells each, zero past `total`.
+    /// Keys `[kv_head][cell][d]` and values transposed, `[kv_head][d][cell]` (rows of
+    /// [`value_stride`]), `padded` cells each, zero past `total`: both read as vectors
+    /// along the dimension each product sums over.
     fn widen(
         kv: KvView<'_>,
         s: AttentionShape,
         total: usize,
         padded: usize,
-        kt: &mut [f32],
-        vc: &mut [f32],
+        kn: &mut [f32],
+        vt: &mut [f32],
     ) {
         let hd = s.head_dim;
-        let ks = key_stride(padded);
+        let vs = value_stride(padded);
         let width = s.kv_heads * hd;
         let bs = kv.block_size;
-        kt.fill(0.0);
-        vc.fill(0.0);
-        let mut row = vec![0f32; hd.max(bs)];
+        kn.fill(0.0);
+        vt.fill(0.0);
         for g in 0..s.kv_heads {
-            let (kt, vc) = (
-                &mut kt[g * hd * ks..(g + 1) * hd * ks],
-                &mut vc[g * padded * hd..(g + 1) * padded * hd],
+            let (kn, vt) = (
+                &mut kn[g * padded * hd..(g + 1) * padded * hd],
+                &mut vt[g * hd * vs..(g + 1) * hd * vs],
             );
             for j in 0..total {
                 let cell = kv.blocks[j / bs] as usize * bs + j % bs;
-                kv.k.widen_into(cell * width + g * hd, &mut row[..hd]);
-                for (e, &x) in row[..hd].iter().enumerate() {
-                    kt[e * ks + j] = x;
-                }
+                kv.k.widen_into(cell * width + g * hd, &mut kn[j * hd..(j + 1) * hd]);
             }
             for (bi, &b) in kv.blocks.iter().enumerate().take(total.div_ceil(bs)) {
                 let cells = (total - bi * bs).min(bs);
                 for d in 0..hd {
-                    kv.v.widen_into((b as usize * width + g * hd + d) * bs, &mut row[..cells]);
-                    for (x, &v) in row[..cells].iter().enumerate() {
-                        vc[(bi * bs + x) * hd + d] = v;
-                    }
+                    let at = d * vs + bi * bs;
+                    kv.v.widen_into(
+                        (b as usize * width + g * hd + d) * bs,
+                        &mut vt[at..at + cells],
+                    );
                 }
             }
         }
@@ -945,43 +934,246 @@ mod rows512 {
         let n_rep = s.heads / s.kv_heads;
         let total = pos + seq;
         let padded = round_up64(total);
-        let ks = key_stride(padded);
+        let vs = value_stride(padded);
         // The widened cache in this thread's buffers, reused from call to call (`widen`
         // writes every element).
-        crate::with_reused(&super::WIDE, |(kt, vc)| {
-            kt.resize(s.kv_heads * hd * ks, 0.0);
-            vc.resize(s.kv_heads * padded * hd, 0.0);
-            let (kt, vc) = (
-                &mut kt[..s.kv_heads * hd * ks],
-                &mut vc[..s.kv_heads * padded * hd],
+        crate::with_reused(&super::WIDE, |(kn, vt)| {
+            kn.resize(s.kv_heads * padded * hd, 0.0);
+            vt.resize(s.kv_heads * hd * vs, 0.0);
+            let (kn, vt) = (
+                &mut kn[..s.kv_heads * padded * hd],
+                &mut vt[..s.kv_heads * hd * vs],
             );
-            widen(kv, s, total, padded, kt, vc);
-            let (kt, vc) = (&kt[..], &vc[..]);
-            let scratch = || (vec![0f32; padded], vec![0f32; padded]);
-            let task = |(w, p): &mut (Vec<f32>, Vec<f32>), (idx, o): (usize, &mut [f32])| {
-                let (t, h) = (idx / s.heads, idx % s.heads);
+            widen(kv, s, total, padded, kn, vt);
+            let (kn, vt) = (&kn[..], &vt[..]);
+            // One task per head and block of up to four query rows: each key and value
+            // vector loaded serves the block's rows.
+            let blocks = seq.div_ceil(ROWS);
+            let out_at = OutPtr(out.as_mut_ptr());
+            let scratch = || {
+                let cells = vec![0f32; ROWS * padded];
+                (cells.clone(), cells)
+            };
+            let task = |(w, p): &mut (Vec<f32>, Vec<f32>), idx: usize| {
+                let (h, t0) = (idx % s.heads, idx / s.heads * ROWS);
+                let rows = (seq - t0).min(ROWS);
                 let g = h / n_rep;
-                let visible = pos + t + 1;
-                let first = s.window.map_or(0, |w| visible.saturating_sub(w));
-                // SAFETY: AVX-512 detected by the caller; the slices hold what `row` reads.
+                let rows_of = Rows {
+                    q,
+                    heads: s.heads,
+                    hd,
+                    h,
+                    t0,
+                    rows,
+                    pos,
+                    window: s.window,
+                };
+                // SAFETY: AVX-512 detected by the caller; the slices hold what the kernel
+                // reads; this task alone writes rows t0.. of head h.
                 unsafe {
-                    row(
-                        &q[idx * hd..(idx + 1) * hd],
-                        &kt[g * hd * ks..(g + 1) * hd * ks],
-                        &vc[g * padded * hd..(g + 1) * padded * hd],
+                    let out = &out_at;
+                    block(
+                        &rows_of,
+                        &kn[g * padded * hd..(g + 1) * padded * hd],
+                        &vt[g * hd * vs..(g + 1) * hd * vs],
                         padded,
-                        first,
-                        visible,
                         scale,
                         round,
                         w,
                         p,
-                        o,
+                        out.0,
                     )
                 }
             };
-            super::for_each_head(out, hd, parallel, scratch, task);
+            let n = blocks * s.heads;
+            if parallel {
+                crate::team::for_each_init(n, scratch, task);
+            } else {
+                let mut sc = scratch();
+                (0..n).for_each(|i| task(&mut sc, i));
+            }
         })
+    }
+
+    /// Query rows per task.
+    const ROWS: usize = 4;
+
+    /// The call's output, written by the tasks at disjoint rows and heads.
+    struct OutPtr(*mut f32);
+    // SAFETY: each task writes only its own rows of its head (see `block`).
+    unsafe impl Send for OutPtr {}
+    unsafe impl Sync for OutPtr {}
+
+    /// Which query rows a task takes: rows `t0..t0 + rows` of the call, head `h`.
+    struct Rows<'a> {
+        q: &'a [f32],
+        heads: usize,
+        hd: usize,
+        h: usize,
+        t0: usize,
+        rows: usize,
+        pos: usize,
+        window: Option<usize>,
+    }
+
+    impl Rows<'_> {
+        /// The cells row `r` of the block sees: `first..visible`.
+        fn seen(&self, r: usize) -> (usize, usize) {
+            let visible = self.pos + self.t0 + r + 1;
+            (
+                self.window.map_or(0, |w| visible.saturating_sub(w)),
+                visible,
+            )
+        }
+    }
+
+    /// One head's block of query rows: exactly [`super::attend_head`]'s tiled operations
+    /// per row (tinyBLAS's orders: each score sums its dims in 16 lanes, `d = x, x + 16,
+    /// …` into lane `x`, then `reduce16`; each output dim its cells likewise), four
+    /// products at a time against each loaded key (or value) vector, the 16 sums of a
+    /// tile reduced at once ([`super::decode512::sums16`]). Rows past a row's last
+    /// visible cell score −∞ there and weigh 0, which changes none of its sums.
+    ///
+    /// # Safety
+    /// AVX-512F/DQ; `kn` holds `padded` keys of `hd`, `vt` `hd` rows of
+    /// `value_stride(padded)`; `w`, `p` hold `ROWS · padded`; `out` is the call's output,
+    /// rows `t0..t0 + rows` of head `h` written by this call alone.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    unsafe fn block(
+        c: &Rows<'_>,
+        kn: &[f32],
+        vt: &[f32],
+        padded: usize,
+        scale: f32,
+        round: bool,
+        w: &mut [f32],
+        p: &mut [f32],
+        out: *mut f32,
+    ) {
+        match c.rows {
+            1 => tile::<1>(c, kn, vt, padded, scale, round, w, p, out),
+            2 => tile::<2>(c, kn, vt, padded, scale, round, w, p, out),
+            3 => tile::<3>(c, kn, vt, padded, scale, round, w, p, out),
+            _ => tile::<4>(c, kn, vt, padded, scale, round, w, p, out),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn tile<const R: usize>(
+        c: &Rows<'_>,
+        kn: &[f32],
+        vt: &[f32],
+        padded: usize,
+        scale: f32,
+        round: bool,
+        w: &mut [f32],
+        p: &mut [f32],
+        out: *mut f32,
+    ) {
+        let hd = c.hd;
+        let vs = value_stride(padded);
+        let zero = _mm512_setzero_ps();
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        // The queries meet the keys as f16 (with an f16 cache).
+        let mut qf = [[0f32; 256]; R];
+        for (r, qr) in qf.iter_mut().enumerate() {
+            let at = ((c.t0 + r) * c.heads + c.h) * hd;
+            for (d, &x) in qr.iter_mut().zip(&c.q[at..at + hd]) {
+                *d = if round {
+                    half::f16::from_f32(x).to_f32()
+                } else {
+                    x
+                };
+            }
+        }
+        let (w, p) = (w.as_mut_ptr(), p.as_mut_ptr());
+        // Keys as far as the last row sees, in quads: 16 scores (R rows × 4 keys, the
+        // rest unused) per reduction.
+        let (_, last) = c.seen(R - 1);
+        let first = c.seen(0).0;
+        let keys = last.div_ceil(16) * 16;
+        let mut f = [zero; 16];
+        for k0 in (first / 4 * 4..keys).step_by(4) {
+            let mut acc = [[zero; 4]; R];
+            for s in 0..hd / 16 {
+                let kv: [__m512; 4] = std::array::from_fn(|k| {
+                    _mm512_loadu_ps(kn.as_ptr().add((k0 + k) * hd + 16 * s))
+                });
+                for r in 0..R {
+                    let qv = _mm512_loadu_ps(qf[r].as_ptr().add(16 * s));
+                    for k in 0..4 {
+                        acc[r][k] = _mm512_fmadd_ps(kv[k], qv, acc[r][k]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for k in 0..4 {
+                    f[4 * r + k] = acc[r][k];
+                }
+            }
+            let sc = _mm512_mul_ps(super::decode512::sums16(&f), _mm512_set1_ps(scale));
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), sc);
+            for r in 0..R {
+                std::ptr::copy_nonoverlapping(lanes.as_ptr().add(4 * r), w.add(r * padded + k0), 4);
+            }
+        }
+        // Each row: −∞ outside what it sees, its maximum, its probabilities.
+        let mut most = 0;
+        for r in 0..R {
+            let (lo, hi) = c.seen(r);
+            let wr = std::slice::from_raw_parts_mut(w.add(r * padded), padded);
+            let pr = std::slice::from_raw_parts_mut(p.add(r * padded), padded);
+            let chunks = hi.div_ceil(16);
+            let mut maxv = ninf;
+            for ch in 0..padded / 16 {
+                let j0 = 16 * ch;
+                let x = if ch < chunks && j0 + 16 > lo {
+                    let a = (lo.saturating_sub(j0)).min(16);
+                    let b = (hi - j0.min(hi)).min(16);
+                    let seen: __mmask16 = (((1u32 << b) - 1) & !((1u32 << a) - 1)) as u16;
+                    _mm512_mask_blend_ps(seen, ninf, _mm512_loadu_ps(wr.as_ptr().add(j0)))
+                } else {
+                    ninf
+                };
+                _mm512_storeu_ps(wr.as_mut_ptr().add(j0), x);
+                // f32::max skips NaN as `max_ps(new, old)` does (it returns old then).
+                maxv = _mm512_max_ps(x, maxv);
+            }
+            let lanes: [f32; 16] = std::mem::transmute(maxv);
+            let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            softmax16(wr, pr, max, chunks, round);
+            most = most.max(round_up64(hi));
+        }
+        // Values, four dims at a time against each row's probabilities: lane x of dim d
+        // sums cells x, x + 16, ... in order (cells past a row's own end weigh 0).
+        for d0 in (0..hd).step_by(4) {
+            let mut acc = [[zero; 4]; R];
+            for ch in 0..most / 16 {
+                let pv: [__m512; R] =
+                    std::array::from_fn(|r| _mm512_loadu_ps(p.add(r * padded + 16 * ch)));
+                for k in 0..4 {
+                    let v = _mm512_loadu_ps(vt.as_ptr().add((d0 + k) * vs + 16 * ch));
+                    for r in 0..R {
+                        acc[r][k] = _mm512_fmadd_ps(v, pv[r], acc[r][k]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for k in 0..4 {
+                    f[4 * r + k] = acc[r][k];
+                }
+            }
+            let o = super::decode512::sums16(&f);
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), o);
+            for r in 0..R {
+                let at = ((c.t0 + r) * c.heads + c.h) * hd + d0;
+                std::ptr::copy_nonoverlapping(lanes.as_ptr().add(4 * r), out.add(at), 4);
+            }
+        }
     }
 
     /// [`super::softmax`] with [`expf16`]: the first `chunks` chunks of 16 scores hold
@@ -1021,83 +1213,6 @@ mod rows512 {
                 _mm512_setzero_ps()
             };
             _mm512_storeu_ps(p.as_mut_ptr().add(16 * ch), x);
-        }
-    }
-
-    /// One query row of one head.
-    ///
-    /// # Safety
-    /// AVX-512F/DQ and F16C; `kt` is `[hd][padded]`, `vc` `[padded][hd]`, `w` and `p`
-    /// hold `padded` (a multiple of 64 ≥ `visible`), `hd` is a multiple of 16.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn row(
-        q: &[f32],
-        kt: &[f32],
-        vc: &[f32],
-        padded: usize,
-        first: usize,
-        visible: usize,
-        scale: f32,
-        round: bool,
-        w: &mut [f32],
-        p: &mut [f32],
-        out: &mut [f32],
-    ) {
-        let hd = q.len();
-        let zero = _mm512_setzero_ps();
-        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        // The query meets the keys as f16 (with an f16 cache).
-        let mut qf = [0f32; 256];
-        for (d, &x) in qf.iter_mut().zip(q) {
-            *d = if round {
-                half::f16::from_f32(x).to_f32()
-            } else {
-                x
-            };
-        }
-        // Scores, 16 keys at a time: lane x of key j sums d = x, x+16, ... in order.
-        let chunks = visible.div_ceil(16);
-        let mut maxv = ninf;
-        for ch in 0..padded / 16 {
-            let j0 = 16 * ch;
-            let r = if ch < chunks && j0 + 16 > first {
-                let mut acc = [zero; 16];
-                for s in 0..hd / 16 {
-                    for (x, a) in acc.iter_mut().enumerate() {
-                        let e = 16 * s + x;
-                        let k = _mm512_loadu_ps(kt.as_ptr().add(e * key_stride(padded) + j0));
-                        *a = _mm512_fmadd_ps(k, _mm512_set1_ps(qf[e]), *a);
-                    }
-                }
-                let sc = _mm512_mul_ps(tree(&acc), _mm512_set1_ps(scale));
-                // Keys outside first..visible are not seen.
-                let lo = first.saturating_sub(j0).min(16);
-                let hi = (visible - j0.min(visible)).min(16);
-                let seen: __mmask16 = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16;
-                _mm512_mask_blend_ps(seen, ninf, sc)
-            } else {
-                ninf
-            };
-            _mm512_storeu_ps(w.as_mut_ptr().add(j0), r);
-            // f32::max skips NaN as `max_ps(new, old)` does (it returns old then).
-            maxv = _mm512_max_ps(r, maxv);
-        }
-        let lanes: [f32; 16] = std::mem::transmute(maxv);
-        let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        softmax16(w, p, max, chunks, round);
-        // Values, 16 dims at a time: lane x of dim d sums cells x, x+16, ... in order.
-        let n = round_up64(visible);
-        for d0 in (0..hd).step_by(16) {
-            let mut acc = [zero; 16];
-            for c in 0..n / 16 {
-                for (x, a) in acc.iter_mut().enumerate() {
-                    let cell = 16 * c + x;
-                    let v = _mm512_loadu_ps(vc.as_ptr().add(cell * hd + d0));
-                    *a = _mm512_fmadd_ps(v, _mm512_set1_ps(*p.get_unchecked(cell)), *a);
-                }
-            }
-            _mm512_storeu_ps(out.as_mut_ptr().add(d0), tree(&acc));
         }
     }
 }
