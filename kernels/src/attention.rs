@@ -967,22 +967,17 @@ mod rows512 {
                     rows,
                     pos,
                     window: s.window,
+                    kn: &kn[g * padded * hd..(g + 1) * padded * hd],
+                    vt: &vt[g * hd * vs..(g + 1) * hd * vs],
+                    padded,
+                    scale,
+                    round,
                 };
                 // SAFETY: AVX-512 detected by the caller; the slices hold what the kernel
                 // reads; this task alone writes rows t0.. of head h.
                 unsafe {
                     let out = &out_at;
-                    block(
-                        &rows_of,
-                        &kn[g * padded * hd..(g + 1) * padded * hd],
-                        &vt[g * hd * vs..(g + 1) * hd * vs],
-                        padded,
-                        scale,
-                        round,
-                        w,
-                        p,
-                        out.0,
-                    )
+                    block(&rows_of, w, p, out.0)
                 }
             };
             let n = blocks * s.heads;
@@ -1004,7 +999,9 @@ mod rows512 {
     unsafe impl Send for OutPtr {}
     unsafe impl Sync for OutPtr {}
 
-    /// Which query rows a task takes: rows `t0..t0 + rows` of the call, head `h`.
+    /// Which query rows a task takes (rows `t0..t0 + rows` of the call, head `h`) and
+    /// what it reads: its KV head's widened keys `kn` (`padded` cells of `hd`) and values
+    /// `vt` (`hd` rows of [`value_stride`]), the score scale, whether to round to f16.
     struct Rows<'a> {
         q: &'a [f32],
         heads: usize,
@@ -1014,6 +1011,11 @@ mod rows512 {
         rows: usize,
         pos: usize,
         window: Option<usize>,
+        kn: &'a [f32],
+        vt: &'a [f32],
+        padded: usize,
+        scale: f32,
+        round: bool,
     }
 
     impl Rows<'_> {
@@ -1035,43 +1037,23 @@ mod rows512 {
     /// visible cell score −∞ there and weigh 0, which changes none of its sums.
     ///
     /// # Safety
-    /// AVX-512F/DQ; `kn` holds `padded` keys of `hd`, `vt` `hd` rows of
-    /// `value_stride(padded)`; `w`, `p` hold `ROWS · padded`; `out` is the call's output,
-    /// rows `t0..t0 + rows` of head `h` written by this call alone.
-    #[allow(clippy::too_many_arguments)]
+    /// AVX-512F/DQ; `c.kn` holds `c.padded` keys of `c.hd`, `c.vt` `c.hd` rows of
+    /// `value_stride(c.padded)`; `w`, `p` hold `ROWS · c.padded`; `out` is the call's
+    /// output, rows `t0..t0 + rows` of head `h` written by this call alone.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn block(
-        c: &Rows<'_>,
-        kn: &[f32],
-        vt: &[f32],
-        padded: usize,
-        scale: f32,
-        round: bool,
-        w: &mut [f32],
-        p: &mut [f32],
-        out: *mut f32,
-    ) {
+    unsafe fn block(c: &Rows<'_>, w: &mut [f32], p: &mut [f32], out: *mut f32) {
         match c.rows {
-            1 => tile::<1>(c, kn, vt, padded, scale, round, w, p, out),
-            2 => tile::<2>(c, kn, vt, padded, scale, round, w, p, out),
-            3 => tile::<3>(c, kn, vt, padded, scale, round, w, p, out),
-            _ => tile::<4>(c, kn, vt, padded, scale, round, w, p, out),
+            1 => tile::<1>(c, w, p, out),
+            2 => tile::<2>(c, w, p, out),
+            3 => tile::<3>(c, w, p, out),
+            _ => tile::<4>(c, w, p, out),
         }
     }
 
-    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn tile<const R: usize>(
-        c: &Rows<'_>,
-        kn: &[f32],
-        vt: &[f32],
-        padded: usize,
-        scale: f32,
-        round: bool,
-        w: &mut [f32],
-        p: &mut [f32],
-        out: *mut f32,
-    ) {
+    unsafe fn tile<const R: usize>(c: &Rows<'_>, w: &mut [f32], p: &mut [f32], out: *mut f32) {
+        let (kn, vt, padded, scale, round) = (c.kn, c.vt, c.padded, c.scale, c.round);
         let hd = c.hd;
         let vs = value_stride(padded);
         let zero = _mm512_setzero_ps();
