@@ -255,10 +255,6 @@ pub(crate) mod x86 {
         _mm512_mask_blend_ps(big, scaled, saturated)
     }
 
-    /// [`super::swiglu_plain`] 16 lanes at a time: the same operations (IEEE division).
-    ///
-    /// # Safety
-    /// AVX-512F/DQ; `gate.len() == up.len()`.
     /// [`super::exp_below_plain`] 16 lanes at a time.
     ///
     /// # Safety
@@ -274,6 +270,10 @@ pub(crate) mod x86 {
         super::exp_below_plain(&mut x[n..], max);
     }
 
+    /// [`super::swiglu_plain`] 16 lanes at a time: the same operations (IEEE division).
+    ///
+    /// # Safety
+    /// AVX-512F/DQ; `gate.len() == up.len()`.
     #[target_feature(enable = "avx2,fma,avx512f,avx512dq")]
     pub(super) unsafe fn swiglu512(gate: &mut [f32], up: &[f32]) {
         let n = gate.len() / 16 * 16;
