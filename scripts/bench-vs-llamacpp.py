@@ -32,6 +32,11 @@ from llama_cpp import Llama
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def at_depth(args):
+    """The suffix of the pp and tg tests' names: ` @ dD` with context in place."""
+    return f" @ d{args.d}" if args.d > 0 else ""
+
+
 def hearth_once(args):
     out = subprocess.run(
         [args.hearth, "bench", "-m", args.model, "-p", str(args.p), "-n", str(args.n),
@@ -45,7 +50,7 @@ def hearth_once(args):
 def llama_once(llm, args, rng):
     vocab = llm.n_vocab()
     res = {}
-    at = f" @ d{args.d}" if args.d > 0 else ""
+    at = at_depth(args)
     context = [rng.randrange(vocab) for _ in range(args.d)]
     toks = [rng.randrange(vocab) for _ in range(args.p)]
     llm.reset()
@@ -138,7 +143,7 @@ def main():
     print()
     print("| test | hearth t/s | llama.cpp t/s | ratio min | ratio median | ratio max |")
     print("| ---- | ---------: | ------------: | --------: | -----------: | --------: |")
-    at = f" @ d{args.d}" if args.d > 0 else ""
+    at = at_depth(args)
     tests = [f"pp{args.p}{at}", f"tg{args.n}{at}"] + ([f"tg{args.n} b{args.b}"] if args.b > 0 else [])
     for test in tests:
         a = [o[test] for o in ours]

@@ -368,8 +368,11 @@ fn attend_with(
             .find(|r| n_rep.is_multiple_of(*r))
             .unwrap_or(1);
         let scratch = || {
-            let cells = vec![0f32; group * padded];
-            (cells.clone(), cells, Vec::new())
+            (
+                vec![0f32; group * padded],
+                vec![0f32; group * padded],
+                Vec::new(),
+            )
         };
         let head = |(w, p, offs): &mut (Vec<f32>, Vec<f32>, Vec<usize>),
                     (i, o): (usize, &mut [f32])| {
@@ -950,10 +953,7 @@ mod rows512 {
             // vector loaded serves the block's rows.
             let blocks = seq.div_ceil(ROWS);
             let out_at = OutPtr(out.as_mut_ptr());
-            let scratch = || {
-                let cells = vec![0f32; ROWS * padded];
-                (cells.clone(), cells)
-            };
+            let scratch = || (vec![0f32; ROWS * padded], vec![0f32; ROWS * padded]);
             let task = |(w, p): &mut (Vec<f32>, Vec<f32>), idx: usize| {
                 let (h, t0) = (idx % s.heads, idx / s.heads * ROWS);
                 let rows = (seq - t0).min(ROWS);

@@ -225,13 +225,10 @@ impl Sampler {
             let (probs, mut keep) = loop {
                 let tau = max - depth;
                 cand.clear();
-                cand.extend(
-                    logits
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &l)| ok(l) && l / t >= tau)
-                        .map(|(i, &l)| (i as u32, l / t)),
-                );
+                cand.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
+                    let x = l / t;
+                    (ok(l) && x >= tau).then_some((i as u32, x))
+                }));
                 let deepest = depth == f32::INFINITY;
                 depth = if depth < 24.0 {
                     3.0 * depth
@@ -362,24 +359,24 @@ fn draw(w: &[f32], u: f64) -> u32 {
     const B: usize = 256;
     let sums: Vec<f64> = w.chunks(B).map(sum_f64).collect();
     let mut r = u * sums.iter().sum::<f64>();
+    // Where rounding leaves `r` past a block's own sum (or past the end): the block's
+    // last token with weight.
     let last_of = |b: usize| {
-        let block = &w[b * B..(b * B + B).min(w.len())];
+        let block = w.chunks(B).nth(b).unwrap_or(&[]);
         (b * B + block.iter().rposition(|&x| x > 0.0).unwrap_or(0)) as u32
     };
-    for (b, &s) in sums.iter().enumerate() {
+    for (b, (block, &s)) in w.chunks(B).zip(&sums).enumerate() {
         if r < s {
-            for (i, &x) in w[b * B..(b * B + B).min(w.len())].iter().enumerate() {
+            for (i, &x) in block.iter().enumerate() {
                 if r < x as f64 {
                     return (b * B + i) as u32;
                 }
                 r -= x as f64;
             }
-            // Rounding left `r` past the block's own sum: its last token with weight.
             return last_of(b);
         }
         r -= s;
     }
-    // Rounding left `r` past the end: the last token with any weight.
     last_of(sums.iter().rposition(|&s| s > 0.0).unwrap_or(0))
 }
 
