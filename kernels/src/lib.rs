@@ -82,6 +82,7 @@ pub(crate) fn prefetch_lines<const HINT: i32>(p: *const u8, lines: usize) {
 }
 
 /// Whether the switch `HEARTH_NO_<name>` (set, non-empty, not `0`) turns a path off.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn switched_off(var: &str) -> bool {
     std::env::var_os(var).is_some_and(|v| !v.is_empty() && v != "0")
 }

@@ -80,8 +80,10 @@ const fn extra_bytes(bits: u32) -> usize {
     }
 }
 
-/// Where the parts of one group begin.
+/// Where the parts of one group begin (the prefetch and unpacked fields serve the x86
+/// kernels only).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Group {
     vals: *const u8,
     bits: *const u8,
@@ -392,11 +394,22 @@ mod scalar {
     /// # Safety
     /// `g` must point at a group of at least `b + 1` blocks of `format`.
     pub(super) unsafe fn decoded(format: QFormat, g: Group, b: usize, i: usize) -> Decoded {
+        Decoded {
+            u: values(g, format.bits(), b, i),
+            ..scales(format, g, b, i)
+        }
+    }
+
+    /// Row `i`'s block `b`: its scales, values left zero.
+    ///
+    /// # Safety
+    /// `g` must point at a group of at least `b + 1` blocks of `format`.
+    unsafe fn scales(format: QFormat, g: Group, b: usize, i: usize) -> Decoded {
         let s = g.scales.add(b * format.scheme().bytes());
         let f16 = |at: usize| {
             half::f16::from_bits(std::ptr::read_unaligned(s.add(at) as *const u16)).to_f32()
         };
-        let u = values(g, format.bits(), b, i);
+        let u = [0; QK];
         let scheme = format.scheme();
         match scheme {
             Scheme::D16 => Decoded {
@@ -445,6 +458,94 @@ mod scalar {
         }
     }
 
+    /// One block of a group, decoded for the portable path: plane `k` holds elements
+    /// `4k..4k+4` of each row as signed bytes (`u − bias`), as the SIMD kernels' registers
+    /// do, so that each step below is one loop over the 16 rows; and the rows' scales.
+    #[derive(Clone, Copy)]
+    pub(super) struct Block16 {
+        w: [[[i8; 4]; ROWS]; 8],
+        d0: [f32; ROWS],
+        d1: [f32; ROWS],
+        m: [f32; ROWS],
+    }
+
+    impl Default for Block16 {
+        fn default() -> Self {
+            Self {
+                w: [[[0; 4]; ROWS]; 8],
+                d0: [0.0; ROWS],
+                d1: [0.0; ROWS],
+                m: [0.0; ROWS],
+            }
+        }
+    }
+
+    std::thread_local! {
+        /// A group decoded, reused across calls on this thread.
+        static DECODED: std::cell::RefCell<Vec<Block16>> = const {
+            std::cell::RefCell::new(Vec::new())
+        };
+    }
+
+    /// Block `b` of the group into `blk`: each 64-byte plane of the packed values gives
+    /// one plane (8 bits) or two (the low and high nibbles, plus their extra bits), with
+    /// the bias taken off; every format's values minus its bias fit a signed byte.
+    ///
+    /// # Safety
+    /// `g` must point at a group of at least `b + 1` blocks of `format`.
+    unsafe fn decode_block(format: QFormat, g: Group, b: usize, blk: &mut Block16) {
+        let (bits, bias) = (format.bits(), format.bias());
+        let vals = std::slice::from_raw_parts(g.vals.add(b * value_bytes(bits)), value_bytes(bits));
+        if bits == 8 {
+            for (plane, v) in blk.w.iter_mut().zip(vals.chunks_exact(64)) {
+                for (w, v) in plane.as_flattened_mut().iter_mut().zip(v) {
+                    *w = (*v as i32 - bias) as i8;
+                }
+            }
+        } else {
+            let extra = g.bits.add(b * extra_bytes(bits)) as *const u64;
+            let mask = |x: usize, p: usize| std::ptr::read_unaligned(extra.add(8 * x + p));
+            let (lo, hi) = blk.w.split_at_mut(4);
+            for (p, v) in vals.chunks_exact(64).enumerate() {
+                let (lo, hi) = (lo[p].as_flattened_mut(), hi[p].as_flattened_mut());
+                for (e, &v) in v.iter().enumerate() {
+                    let (mut l, mut h) = ((v & 0x0f) as i32, (v >> 4) as i32);
+                    for x in 0..(bits as usize - 4) {
+                        l |= (((mask(x, p) >> e) & 1) as i32) << (4 + x);
+                        h |= (((mask(x, p + 4) >> e) & 1) as i32) << (4 + x);
+                    }
+                    (lo[e], hi[e]) = ((l - bias) as i8, (h - bias) as i8);
+                }
+            }
+        }
+        for i in 0..ROWS {
+            let d = scales(format, g, b, i);
+            (blk.d0[i], blk.d1[i], blk.m[i]) = (d.d0, d.d1, d.m);
+        }
+    }
+
+    /// Each row's eight four-element integer sums of one block against one activation
+    /// block: `s[k][i]` for row `i`, elements `4k..4k+4`.
+    #[inline(always)]
+    fn sums(blk: &Block16, qs: &[i8; QK]) -> [[i32; ROWS]; 8] {
+        let mut s = [[0i32; ROWS]; 8];
+        for (k, sk) in s.iter_mut().enumerate() {
+            let a: [i32; 4] = std::array::from_fn(|j| qs[4 * k + j] as i32);
+            for (v, w) in sk.iter_mut().zip(&blk.w[k]) {
+                *v = w[0] as i32 * a[0]
+                    + w[1] as i32 * a[1]
+                    + w[2] as i32 * a[2]
+                    + w[3] as i32 * a[3];
+            }
+        }
+        s
+    }
+
+    /// The portable path, in [`dot_ref`]'s arithmetic: the group is decoded once (signed
+    /// values in planes, f32 scales; no allocation after a thread's first call) for all
+    /// the activation rows, and every step is a plain loop over the 16 rows, which the
+    /// compiler vectorises with whatever the target has (NEON on aarch64).
+    ///
     /// # Safety
     /// `g` must point at a group of `nb` blocks of `format`.
     pub(super) unsafe fn group_dot(
@@ -455,19 +556,56 @@ mod scalar {
         a: &[&[Act]],
         out: &mut [[f32; ROWS]],
     ) {
-        let rows: Vec<Vec<Decoded>> = (0..ROWS)
-            .map(|i| (0..nb).map(|b| decoded(format, g, b, i)).collect())
-            .collect();
-        let arithmetic = if lanes {
-            Arithmetic::Lanes
-        } else {
-            Arithmetic::Blocks
-        };
-        for (ac, o) in a.iter().zip(out.iter_mut()) {
-            for (row, v) in rows.iter().zip(o.iter_mut()) {
-                *v = dot_ref(format, arithmetic, row, ac);
+        crate::with_reused(&DECODED, |blocks| {
+            if blocks.len() < nb {
+                blocks.resize(nb, Block16::default());
             }
-        }
+            let blocks = &mut blocks[..nb];
+            for (b, blk) in blocks.iter_mut().enumerate() {
+                decode_block(format, g, b, blk);
+            }
+            let scheme = format.scheme();
+            let (has_min, two) = (scheme.has_min(), scheme.two_scales());
+            for (ac, o) in a.iter().zip(out.iter_mut()) {
+                let mut mins = [0f32; ROWS];
+                let mut acc = [[0f32; ROWS]; 8];
+                for (blk, ab) in blocks.iter().zip(ac.iter()) {
+                    if has_min {
+                        for (v, &m) in mins.iter_mut().zip(&blk.m) {
+                            *v += m * ab.s;
+                        }
+                    }
+                    let s = sums(blk, &ab.qs);
+                    if lanes {
+                        for (l, sk) in acc.iter_mut().zip(&s) {
+                            for i in 0..ROWS {
+                                l[i] = (blk.d0[i] * ab.d).mul_add(sk[i] as f32, l[i]);
+                            }
+                        }
+                    } else {
+                        for i in 0..ROWS {
+                            let lo = s[0][i] + s[1][i] + s[2][i] + s[3][i];
+                            let hi = s[4][i] + s[5][i] + s[6][i] + s[7][i];
+                            acc[0][i] = if two {
+                                let a0 = (blk.d0[i] * ab.d).mul_add(lo as f32, acc[0][i]);
+                                (blk.d1[i] * ab.d).mul_add(hi as f32, a0)
+                            } else {
+                                (blk.d0[i] * ab.d).mul_add((lo + hi) as f32, acc[0][i])
+                            };
+                        }
+                    }
+                }
+                for (i, v) in o.iter_mut().enumerate() {
+                    let t = if lanes {
+                        let l = |k: usize| acc[k][i];
+                        ((l(0) + l(4)) + (l(2) + l(6))) + ((l(1) + l(5)) + (l(3) + l(7)))
+                    } else {
+                        acc[0][i]
+                    };
+                    *v = if has_min { t + mins[i] } else { t };
+                }
+            }
+        })
     }
 }
 
