@@ -16,7 +16,10 @@
 //! tiles ([`amx`]) for batches. Nothing here allocates per dot product or knows about
 //! models.
 //!
-//! `HEARTH_NO_SIMD=1` forces the scalar paths (to test them on a SIMD machine).
+//! `HEARTH_NO_SIMD=1` forces the scalar paths (to test them on a SIMD machine). They are
+//! what other architectures run, so the matmul's is written as loops over a group's 16
+//! rows that the compiler vectorises for the target's baseline (NEON on aarch64;
+//! `scripts/test-aarch64` runs these tests there under qemu).
 
 /// Defines a public function whose body is compiled twice: once for the baseline target
 /// and once with AVX2, FMA and F16C enabled, picked at run time. Both compile the same

@@ -462,7 +462,7 @@ mod scalar {
     /// `4k..4k+4` of each row as signed bytes (`u − bias`), as the SIMD kernels' registers
     /// do, so that each step below is one loop over the 16 rows; and the rows' scales.
     #[derive(Clone, Copy)]
-    pub(super) struct Block16 {
+    struct Block16 {
         w: [[[i8; 4]; ROWS]; 8],
         d0: [f32; ROWS],
         d1: [f32; ROWS],
@@ -576,21 +576,23 @@ mod scalar {
                         }
                     }
                     let s = sums(blk, &ab.qs);
+                    let d: [f32; ROWS] = std::array::from_fn(|i| blk.d0[i] * ab.d);
                     if lanes {
                         for (l, sk) in acc.iter_mut().zip(&s) {
                             for i in 0..ROWS {
-                                l[i] = (blk.d0[i] * ab.d).mul_add(sk[i] as f32, l[i]);
+                                l[i] = d[i].mul_add(sk[i] as f32, l[i]);
                             }
                         }
                     } else {
+                        // One accumulator a row: acc[0].
                         for i in 0..ROWS {
                             let lo = s[0][i] + s[1][i] + s[2][i] + s[3][i];
                             let hi = s[4][i] + s[5][i] + s[6][i] + s[7][i];
                             acc[0][i] = if two {
-                                let a0 = (blk.d0[i] * ab.d).mul_add(lo as f32, acc[0][i]);
+                                let a0 = d[i].mul_add(lo as f32, acc[0][i]);
                                 (blk.d1[i] * ab.d).mul_add(hi as f32, a0)
                             } else {
-                                (blk.d0[i] * ab.d).mul_add((lo + hi) as f32, acc[0][i])
+                                d[i].mul_add((lo + hi) as f32, acc[0][i])
                             };
                         }
                     }
