@@ -953,7 +953,8 @@ mod rows512 {
             // One task per head and block of up to four query rows: each key and value
             // vector loaded serves the block's rows.
             let blocks = seq.div_ceil(ROWS);
-            let out_at = OutPtr(out.as_mut_ptr());
+            // Each task writes only its own rows of its head (see `block`).
+            let out_at = crate::OutPtr(out.as_mut_ptr());
             let scratch = || (vec![0f32; ROWS * padded], vec![0f32; ROWS * padded]);
             let task = |(w, p): &mut (Vec<f32>, Vec<f32>), idx: usize| {
                 let (h, t0) = (idx % s.heads, idx / s.heads * ROWS);
@@ -993,12 +994,6 @@ mod rows512 {
 
     /// Query rows per task.
     const ROWS: usize = 4;
-
-    /// The call's output, written by the tasks at disjoint rows and heads.
-    struct OutPtr(*mut f32);
-    // SAFETY: each task writes only its own rows of its head (see `block`).
-    unsafe impl Send for OutPtr {}
-    unsafe impl Sync for OutPtr {}
 
     /// Which query rows a task takes (rows `t0..t0 + rows` of the call, head `h`) and
     /// what it reads: its KV head's widened keys `kn` (`padded` cells of `hd`) and values

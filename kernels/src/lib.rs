@@ -73,6 +73,16 @@ pub(crate) fn with_reused<T: Default, R>(
     })
 }
 
+/// Raw output pointer shared by parallel tasks that write disjoint elements (each user
+/// says which elements are whose).
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: a plain address; its users' tasks write disjoint elements through it: the
+// matmul's, the columns of their own groups of weight rows; prompt attention's, their
+// own query rows of their own head.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
 /// Asks for `lines` 64-byte cache lines from `p` (prefetch `HINT`). A prefetch never
 /// faults, so `p` may point anywhere, even past the end of an allocation.
 #[cfg(target_arch = "x86_64")]

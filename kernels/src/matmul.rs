@@ -7,6 +7,7 @@ use crate::formats::{dequantize, QK};
 pub use crate::formats::{Arithmetic, QFormat};
 use crate::packed::{quantize_acts, Act, Packed, ROWS};
 use crate::team;
+use crate::OutPtr;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum QMatrixError {
@@ -308,13 +309,6 @@ pub enum Output {
     /// Add them to what the output holds (a residual connection, with no pass of its own).
     Add,
 }
-
-/// Raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes only the columns of its own groups of weight rows.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 #[cfg(test)]
 mod tests {
