@@ -32,6 +32,12 @@ fn run() {
         .ok()
         .map(|r| r.split(',').filter_map(|m| m.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 2, 4, 8, 16, 64]);
+    // `HEARTH_MM_SHAPES=qkv,down` times only those matrices.
+    let only = std::env::var("HEARTH_MM_SHAPES").ok();
+    let shapes = shapes.into_iter().filter(|s| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|n| n.trim() == s.0))
+    });
     for (name, format, n, k) in shapes {
         let per_row = k / format.block_elems() * format.block_bytes();
         let bytes: Vec<u8> = (0..n * per_row)

@@ -95,7 +95,10 @@ pub(crate) fn prefetch_lines<const HINT: i32>(p: *const u8, lines: usize) {
 }
 
 /// Whether the switch `HEARTH_NO_<name>` (set, non-empty, not `0`) turns a path off.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 pub(crate) fn switched_off(var: &str) -> bool {
     std::env::var_os(var).is_some_and(|v| !v.is_empty() && v != "0")
 }
@@ -116,6 +119,24 @@ pub fn has_avx2() -> bool {
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the ARMv8.2 `dotprod` matmul path is usable (`HEARTH_NO_SIMD=1` turns it off,
+/// as it does the x86 paths).
+#[inline]
+pub fn has_dotprod() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::sync::OnceLock;
+        static DOTPROD: OnceLock<bool> = OnceLock::new();
+        *DOTPROD.get_or_init(|| {
+            !switched_off("HEARTH_NO_SIMD") && std::arch::is_aarch64_feature_detected!("dotprod")
+        })
+    }
+    #[cfg(not(target_arch = "aarch64"))]
     {
         false
     }
