@@ -399,65 +399,69 @@ mod scalar {
     /// # Safety
     /// `g` must point at a group of at least `b + 1` blocks of `format`.
     pub(super) unsafe fn decoded(format: QFormat, g: Group, b: usize, i: usize) -> Decoded {
-        Decoded {
+        let [d0, d1, m] = row_scales(format, g, b);
+        let mut d = Decoded {
             u: values(g, format.bits(), b, i),
-            ..scales(format, g, b, i)
+            d0: d0[i],
+            d1: d1[i],
+            m: m[i],
+            ..Decoded::default()
+        };
+        // The K-quants' raw scale bytes, which the decoded block also carries.
+        let scheme = format.scheme();
+        if let Scheme::K4 | Scheme::K6 = scheme {
+            let s = g.scales.add(b * scheme.bytes());
+            let k = g.supers.add(b / 8 * scheme.super_bytes());
+            let (first, second) = (*s.add(i), *s.add(16 + i));
+            d.sd = f16_row(k)[i];
+            if scheme == Scheme::K4 {
+                (d.sdmin, d.sc, d.mn) = (f16_row(k.add(32))[i], [first as i8, 0], second);
+            } else {
+                d.sc = [first as i8, second as i8];
+            }
         }
+        d
     }
 
-    /// Row `i`'s block `b`: its scales, values left zero.
+    /// Block `b`'s scales for the group's 16 rows, `[d0, d1, m]` as [`Decoded`] holds
+    /// them: the f16 scales (and minimums) converted side by side, the K-quants' `D·sc`
+    /// and `−(Dmin·mn)` formed in f32. (A call per row that built a whole decoded block
+    /// was half the instructions of a one-row matmul on aarch64, counted under qemu.)
     ///
     /// # Safety
     /// `g` must point at a group of at least `b + 1` blocks of `format`.
-    unsafe fn scales(format: QFormat, g: Group, b: usize, i: usize) -> Decoded {
-        let s = g.scales.add(b * format.scheme().bytes());
-        let f16 = |at: usize| {
-            half::f16::from_bits(std::ptr::read_unaligned(s.add(at) as *const u16)).to_f32()
-        };
-        let u = [0; QK];
+    #[inline(always)]
+    unsafe fn row_scales(format: QFormat, g: Group, b: usize) -> [[f32; ROWS]; 3] {
         let scheme = format.scheme();
+        let s = g.scales.add(b * scheme.bytes());
         match scheme {
-            Scheme::D16 => Decoded {
-                u,
-                d0: f16(2 * i),
-                d1: f16(2 * i),
-                ..Decoded::default()
-            },
-            Scheme::D16M16 => Decoded {
-                u,
-                d0: f16(2 * i),
-                d1: f16(2 * i),
-                m: f16(32 + 2 * i),
-                ..Decoded::default()
-            },
+            Scheme::D16 => {
+                let d = f16_row(s);
+                [d, d, [0.0; ROWS]]
+            }
+            Scheme::D16M16 => {
+                let d = f16_row(s);
+                [d, d, f16_row(s.add(32))]
+            }
             Scheme::K4 | Scheme::K6 => {
                 let k = g.supers.add(b / 8 * scheme.super_bytes());
-                let kf16 = |at: usize| {
-                    half::f16::from_bits(std::ptr::read_unaligned(k.add(at) as *const u16)).to_f32()
-                };
-                let (sd, first, second) = (kf16(2 * i), *s.add(i), *s.add(16 + i));
+                let sd = f16_row(k);
+                let first = std::ptr::read_unaligned(s as *const [u8; ROWS]);
+                let second = std::ptr::read_unaligned(s.add(16) as *const [u8; ROWS]);
                 if scheme == Scheme::K4 {
-                    let sdmin = kf16(32 + 2 * i);
-                    Decoded {
-                        u,
-                        d0: sd * first as f32,
-                        d1: sd * first as f32,
-                        m: -(sdmin * second as f32),
-                        sd,
-                        sdmin,
-                        sc: [first as i8, 0],
-                        mn: second,
-                    }
+                    let sdmin = f16_row(k.add(32));
+                    let d = std::array::from_fn(|i| sd[i] * first[i] as f32);
+                    [
+                        d,
+                        d,
+                        std::array::from_fn(|i| -(sdmin[i] * second[i] as f32)),
+                    ]
                 } else {
-                    let (s0, s1) = (first as i8, second as i8);
-                    Decoded {
-                        u,
-                        d0: sd * s0 as f32,
-                        d1: sd * s1 as f32,
-                        sd,
-                        sc: [s0, s1],
-                        ..Decoded::default()
-                    }
+                    [
+                        std::array::from_fn(|i| sd[i] * first[i] as i8 as f32),
+                        std::array::from_fn(|i| sd[i] * second[i] as i8 as f32),
+                        [0.0; ROWS],
+                    ]
                 }
             }
         }
@@ -523,42 +527,7 @@ mod scalar {
                 }
             }
         }
-        let s = g.scales.add(b * format.scheme().bytes());
-        match format.scheme() {
-            // The 16 rows' f16 scales (and minimums) side by side: one slice conversion
-            // each, where a call of `scales` per row was half the instructions of a
-            // one-row matmul on aarch64 (counted under qemu). Same values as `scales`.
-            Scheme::D16 | Scheme::D16M16 => {
-                blk.d0 = f16_row(s);
-                blk.d1 = blk.d0;
-                blk.m = if format.scheme().has_min() {
-                    f16_row(s.add(32))
-                } else {
-                    [0.0; ROWS]
-                };
-            }
-            // `scales`' products, 16 rows at a time.
-            scheme @ (Scheme::K4 | Scheme::K6) => {
-                let k = g.supers.add(b / 8 * scheme.super_bytes());
-                let sd = f16_row(k);
-                let first = std::ptr::read_unaligned(s as *const [u8; ROWS]);
-                let second = std::ptr::read_unaligned(s.add(16) as *const [u8; ROWS]);
-                if scheme == Scheme::K4 {
-                    let sdmin = f16_row(k.add(32));
-                    for i in 0..ROWS {
-                        blk.d0[i] = sd[i] * first[i] as f32;
-                        blk.m[i] = -(sdmin[i] * second[i] as f32);
-                    }
-                    blk.d1 = blk.d0;
-                } else {
-                    for i in 0..ROWS {
-                        blk.d0[i] = sd[i] * first[i] as i8 as f32;
-                        blk.d1[i] = sd[i] * second[i] as i8 as f32;
-                    }
-                    blk.m = [0.0; ROWS];
-                }
-            }
-        }
+        [blk.d0, blk.d1, blk.m] = row_scales(format, g, b);
     }
 
     /// The 16 f16 values at `p` (any alignment) as f32.
