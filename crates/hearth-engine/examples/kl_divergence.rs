@@ -15,6 +15,7 @@
 //! Every position is a decode step (one token a call), as generation runs.
 use std::sync::Arc;
 
+use hearth_engine::sampler::{argmax, log_softmax};
 use hearth_engine::{Arithmetic, KvDtype, LoadOptions, LoadedModel};
 
 fn main() {
@@ -96,13 +97,7 @@ fn log_probs(model: &LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut table = hearth_engine::BlockTable::new();
     tokens[..tokens.len() - 1]
         .iter()
-        .map(|&t| {
-            let logits = model.model.forward(&mut cache, &mut table, &[t]).unwrap();
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-            let norm = max as f64 + sum.ln();
-            logits.iter().map(|&l| (l as f64 - norm) as f32).collect()
-        })
+        .map(|&t| log_softmax(&model.model.forward(&mut cache, &mut table, &[t]).unwrap()))
         .collect()
 }
 
@@ -114,17 +109,4 @@ fn perplexity(log_probs: &[Vec<f32>], tokens: &[u32]) -> f64 {
         .map(|(lp, &t)| -(lp[t as usize] as f64))
         .sum();
     (nll / log_probs.len() as f64).exp()
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-            if x > bv {
-                (i, x)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
 }
