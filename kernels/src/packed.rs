@@ -89,14 +89,35 @@ struct Group {
     bits: *const u8,
     scales: *const u8,
     supers: *const u8,
-    /// The next group's bytes (`stride` of them; possibly past the matrix: only
-    /// prefetched, never read), and how many of its 64-byte lines to ask for per block
-    /// (0: none).
+    /// The next group's bytes to ask for (`stride` of them, all or a call's share;
+    /// possibly past the matrix: only prefetched, never read), and how many of its
+    /// 64-byte lines to ask for per block (0: none).
     next: *const u8,
     stride: usize,
     prefetch: usize,
     /// The group's value registers already unpacked (8 × 64 bytes per block), or null.
     unpacked: *const u8,
+}
+
+impl Group {
+    /// This group as call `i` of `n` over it sees it: asking for the `i`-th of `n` equal
+    /// shares of the next group's lines (spread over its `nb` blocks).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn share(self, i: usize, n: usize, nb: usize) -> Self {
+        if self.prefetch == 0 || n == 1 {
+            return self;
+        }
+        let lines = self.stride / 64;
+        let per = lines.div_ceil(n);
+        let first = (i * per).min(lines);
+        Self {
+            next: self.next.wrapping_add(64 * first),
+            stride: 64 * per.min(lines - first),
+            prefetch: per.div_ceil(nb),
+            ..self
+        }
+    }
 }
 
 impl Packed {
@@ -984,6 +1005,7 @@ mod x86 {
             if $use_lanes {
                 for (i, (a, out)) in a.chunks(2).zip(out.chunks_mut(2)).enumerate() {
                     // The first call asks for the next group; the others find it there.
+                    // (Shares spread over the calls, as below, measured slower here.)
                     let first = if i == 0 {
                         g
                     } else {
@@ -995,12 +1017,12 @@ mod x86 {
                     }
                 }
             } else {
+                let calls = a.len().div_ceil(4);
                 for (i, (a, out)) in a.chunks(4).zip(out.chunks_mut(4)).enumerate() {
-                    let first = if i == 0 {
-                        g
-                    } else {
-                        Group { prefetch: 0, ..g }
-                    };
+                    // Each call asks for its share of the next group's bytes: spread over
+                    // the whole group's work, the requests do not queue up behind each
+                    // other (the output matrix's 16-row matmul: 15% faster).
+                    let first = g.share(i, calls, nb);
                     match a.len() {
                         1 => bits!($halves, 1, first, [a[0]], out),
                         2 => bits!($halves, 2, first, [a[0], a[1]], out),
