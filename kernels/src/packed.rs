@@ -952,11 +952,18 @@ mod x86 {
             for c in 0..C {
                 let ab = a[c].get_unchecked(b);
                 let q = ab.qs.as_ptr() as *const i32;
-                if scheme.has_min() {
+                if scheme == Scheme::D16M16 {
+                    // Exact as one FMA: both factors are f16 values.
+                    mins[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), mins[c]);
+                } else if scheme.has_min() {
                     mins[c] = _mm512_add_ps(mins[c], _mm512_mul_ps(m, _mm512_set1_ps(ab.s)));
                 }
-                let mut lo = _mm512_set1_epi32(ab.neg_lo);
-                let mut hi = _mm512_set1_epi32(ab.neg_hi);
+                // Formats with a minimum have no bias: nothing to correct.
+                let (mut lo, mut hi) = if scheme.has_min() {
+                    (_mm512_setzero_si512(), _mm512_setzero_si512())
+                } else {
+                    (_mm512_set1_epi32(ab.neg_lo), _mm512_set1_epi32(ab.neg_hi))
+                };
                 for p in 0..4 {
                     let (al, ah) = (
                         std::ptr::read_unaligned(q.add(p)),
@@ -990,15 +997,21 @@ mod x86 {
     macro_rules! dispatch {
         ($lanes:ident, $halves:ident, $format:expr, $use_lanes:expr, $g:expr, $nb:expr, $a:expr, $out:expr) => {{
             let (format, g, nb, a, out) = ($format, $g, $nb, $a, $out);
-            let scheme = format.scheme();
             macro_rules! bits {
                 ($f:ident, $c:literal, $grp:expr, $cols:expr, $o:expr) => {{
                     let (grp, cols): (Group, [&[Act]; $c]) = ($grp, $cols);
-                    match format.bits() {
-                        4 => $f::<4, $c>(scheme, grp, nb, cols, $o),
-                        5 => $f::<5, $c>(scheme, grp, nb, cols, $o),
-                        6 => $f::<6, $c>(scheme, grp, nb, cols, $o),
-                        _ => $f::<8, $c>(scheme, grp, nb, cols, $o),
+                    // Each format's scheme as a constant, so that the kernel's branches
+                    // on it fold away.
+                    use Scheme::*;
+                    match format {
+                        QFormat::Q4_0 => $f::<4, $c>(D16, grp, nb, cols, $o),
+                        QFormat::Q4_1 => $f::<4, $c>(D16M16, grp, nb, cols, $o),
+                        QFormat::Q5_0 => $f::<5, $c>(D16, grp, nb, cols, $o),
+                        QFormat::Q5_1 => $f::<5, $c>(D16M16, grp, nb, cols, $o),
+                        QFormat::Q8_0 => $f::<8, $c>(D16, grp, nb, cols, $o),
+                        QFormat::Q4K => $f::<4, $c>(K4, grp, nb, cols, $o),
+                        QFormat::Q5K => $f::<5, $c>(K4, grp, nb, cols, $o),
+                        QFormat::Q6K => $f::<6, $c>(K6, grp, nb, cols, $o),
                     }
                 }};
             }
