@@ -945,39 +945,49 @@ mod x86 {
         let zero = _mm512_setzero_ps();
         let mut acc = [zero; C];
         let mut mins = [zero; C];
+        let izero = _mm512_setzero_si512();
         for b in 0..nb {
             prefetch_next(g, b);
             let w = values512::<BITS>(g, b);
             let (d0, d1, m) = scales512(scheme, g, b);
+            // Every row's sums first, plane by plane (the rows' chains side by side),
+            // then their scaling.
+            let mut lo = [izero; C];
+            let mut hi = [izero; C];
+            if !scheme.has_min() {
+                // Formats with a minimum have no bias: nothing to correct.
+                for c in 0..C {
+                    let ab = a[c].get_unchecked(b);
+                    (lo[c], hi[c]) = (_mm512_set1_epi32(ab.neg_lo), _mm512_set1_epi32(ab.neg_hi));
+                }
+            }
+            for p in 0..4 {
+                for c in 0..C {
+                    let q = a[c].get_unchecked(b).qs.as_ptr() as *const i32;
+                    let (al, ah) = (
+                        std::ptr::read_unaligned(q.add(p)),
+                        std::ptr::read_unaligned(q.add(p + 4)),
+                    );
+                    lo[c] = _mm512_dpbusd_epi32(lo[c], w[p], _mm512_set1_epi32(al));
+                    hi[c] = _mm512_dpbusd_epi32(hi[c], w[p + 4], _mm512_set1_epi32(ah));
+                }
+            }
             for c in 0..C {
                 let ab = a[c].get_unchecked(b);
-                let q = ab.qs.as_ptr() as *const i32;
                 if scheme == Scheme::D16M16 {
                     // Exact as one FMA: both factors are f16 values.
                     mins[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), mins[c]);
                 } else if scheme.has_min() {
                     mins[c] = _mm512_add_ps(mins[c], _mm512_mul_ps(m, _mm512_set1_ps(ab.s)));
                 }
-                // Formats with a minimum have no bias: nothing to correct.
-                let (mut lo, mut hi) = if scheme.has_min() {
-                    (_mm512_setzero_si512(), _mm512_setzero_si512())
-                } else {
-                    (_mm512_set1_epi32(ab.neg_lo), _mm512_set1_epi32(ab.neg_hi))
-                };
-                for p in 0..4 {
-                    let (al, ah) = (
-                        std::ptr::read_unaligned(q.add(p)),
-                        std::ptr::read_unaligned(q.add(p + 4)),
-                    );
-                    lo = _mm512_dpbusd_epi32(lo, w[p], _mm512_set1_epi32(al));
-                    hi = _mm512_dpbusd_epi32(hi, w[p + 4], _mm512_set1_epi32(ah));
-                }
                 let da = _mm512_set1_ps(ab.d);
                 if scheme.two_scales() {
-                    acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d0, da), _mm512_cvtepi32_ps(lo), acc[c]);
-                    acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d1, da), _mm512_cvtepi32_ps(hi), acc[c]);
+                    acc[c] =
+                        _mm512_fmadd_ps(_mm512_mul_ps(d0, da), _mm512_cvtepi32_ps(lo[c]), acc[c]);
+                    acc[c] =
+                        _mm512_fmadd_ps(_mm512_mul_ps(d1, da), _mm512_cvtepi32_ps(hi[c]), acc[c]);
                 } else {
-                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[c], hi[c]));
                     acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d0, da), sum, acc[c]);
                 }
             }
