@@ -1097,8 +1097,8 @@ mod x86 {
                 6 => unpack!(6),
                 _ => unpack!(8),
             }
-            // The first call asks for the next group's bytes as it goes (asked for here,
-            // all at once, they queue up behind each other).
+            // The calls ask for the next group's bytes as they go, each its share (asked
+            // for here, all at once, they would queue up behind each other).
             let gu = Group {
                 unpacked: buf.as_ptr() as *const u8,
                 ..g
