@@ -891,7 +891,10 @@ mod x86 {
             let mut dv = [zero; C];
             for c in 0..C {
                 let ab = a[c].get_unchecked(b);
-                if scheme.has_min() {
+                if scheme == Scheme::D16M16 {
+                    // Exact as one FMA: both factors are f16 values.
+                    mins[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), mins[c]);
+                } else if scheme.has_min() {
                     mins[c] = _mm512_add_ps(mins[c], _mm512_mul_ps(m, _mm512_set1_ps(ab.s)));
                 }
                 dv[c] = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
