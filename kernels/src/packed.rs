@@ -809,6 +809,18 @@ mod x86 {
         );
     }
 
+    /// `mins + m·s`, a block's minimum term added to its accumulator (unchanged for a
+    /// format without a minimum).
+    #[inline(always)]
+    unsafe fn add_min512(scheme: Scheme, mins: __m512, m: __m512, s: f32) -> __m512 {
+        match scheme {
+            // Exact as one FMA: both factors are f16 values.
+            Scheme::D16M16 => _mm512_fmadd_ps(m, _mm512_set1_ps(s), mins),
+            Scheme::K4 => _mm512_add_ps(mins, _mm512_mul_ps(m, _mm512_set1_ps(s))),
+            Scheme::D16 | Scheme::K6 => mins,
+        }
+    }
+
     // ---- AVX-512 VNNI: 16 rows per register ----
 
     /// The 8 value registers (unsigned bytes, four elements of each row per 32-bit lane)
@@ -891,12 +903,7 @@ mod x86 {
             let mut dv = [zero; C];
             for c in 0..C {
                 let ab = a[c].get_unchecked(b);
-                if scheme == Scheme::D16M16 {
-                    // Exact as one FMA: both factors are f16 values.
-                    mins[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), mins[c]);
-                } else if scheme.has_min() {
-                    mins[c] = _mm512_add_ps(mins[c], _mm512_mul_ps(m, _mm512_set1_ps(ab.s)));
-                }
+                mins[c] = add_min512(scheme, mins[c], m, ab.s);
                 dv[c] = _mm512_mul_ps(d, _mm512_set1_ps(ab.d));
             }
             for p in 0..4 {
@@ -977,12 +984,7 @@ mod x86 {
             }
             for c in 0..C {
                 let ab = a[c].get_unchecked(b);
-                if scheme == Scheme::D16M16 {
-                    // Exact as one FMA: both factors are f16 values.
-                    mins[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(ab.s), mins[c]);
-                } else if scheme.has_min() {
-                    mins[c] = _mm512_add_ps(mins[c], _mm512_mul_ps(m, _mm512_set1_ps(ab.s)));
-                }
+                mins[c] = add_min512(scheme, mins[c], m, ab.s);
                 let da = _mm512_set1_ps(ab.d);
                 if scheme.two_scales() {
                     acc[c] =
