@@ -823,17 +823,6 @@ mod x86 {
 
     // ---- AVX-512 VNNI: 16 rows per register ----
 
-    /// The 8 value registers (unsigned bytes, four elements of each row per 32-bit lane)
-    /// of block `b`.
-    #[inline(always)]
-    unsafe fn values512<const BITS: u32>(g: Group, b: usize) -> [__m512i; 8] {
-        let mut w = [_mm512_setzero_si512(); 8];
-        for p in 0..4 {
-            (w[p], w[p + 4]) = plane512::<BITS>(g, b, p);
-        }
-        w
-    }
-
     /// Eight zmm registers added as llama.cpp's `hsum8` adds the lanes of one.
     #[inline(always)]
     unsafe fn tree512(l: &[__m512; 8]) -> __m512 {
@@ -958,7 +947,6 @@ mod x86 {
         let izero = _mm512_setzero_si512();
         for b in 0..nb {
             prefetch_next(g, b);
-            let w = values512::<BITS>(g, b);
             let (d0, d1, m) = scales512(scheme, g, b);
             // Every row's sums first, plane by plane (the rows' chains side by side),
             // then their scaling.
@@ -972,14 +960,15 @@ mod x86 {
                 }
             }
             for p in 0..4 {
+                let (wl, wh) = plane512::<BITS>(g, b, p);
                 for c in 0..C {
                     let q = a[c].get_unchecked(b).qs.as_ptr() as *const i32;
                     let (al, ah) = (
                         std::ptr::read_unaligned(q.add(p)),
                         std::ptr::read_unaligned(q.add(p + 4)),
                     );
-                    lo[c] = _mm512_dpbusd_epi32(lo[c], w[p], _mm512_set1_epi32(al));
-                    hi[c] = _mm512_dpbusd_epi32(hi[c], w[p + 4], _mm512_set1_epi32(ah));
+                    lo[c] = _mm512_dpbusd_epi32(lo[c], wl, _mm512_set1_epi32(al));
+                    hi[c] = _mm512_dpbusd_epi32(hi[c], wh, _mm512_set1_epi32(ah));
                 }
             }
             for c in 0..C {
@@ -1007,10 +996,35 @@ mod x86 {
         }
     }
 
+    /// One call of `$halves` for the (at most `$most`) activation rows `a`.
+    macro_rules! halves_call {
+        ($halves:ident, 4, $g:expr, $a:expr, $out:expr) => {{
+            let (g, a, out) = ($g, $a, $out);
+            match a.len() {
+                1 => bits!($halves, 1, g, [a[0]], out),
+                2 => bits!($halves, 2, g, [a[0], a[1]], out),
+                3 => bits!($halves, 3, g, [a[0], a[1], a[2]], out),
+                _ => bits!($halves, 4, g, [a[0], a[1], a[2], a[3]], out),
+            }
+        }};
+        ($halves:ident, 6, $g:expr, $a:expr, $out:expr) => {{
+            let (g, a, out) = ($g, $a, $out);
+            match a.len() {
+                1 => bits!($halves, 1, g, [a[0]], out),
+                2 => bits!($halves, 2, g, [a[0], a[1]], out),
+                3 => bits!($halves, 3, g, [a[0], a[1], a[2]], out),
+                4 => bits!($halves, 4, g, [a[0], a[1], a[2], a[3]], out),
+                5 => bits!($halves, 5, g, [a[0], a[1], a[2], a[3], a[4]], out),
+                _ => bits!($halves, 6, g, [a[0], a[1], a[2], a[3], a[4], a[5]], out),
+            }
+        }};
+    }
+
     /// Calls `$lanes` (at most 2 activation rows a call: 16 accumulators) or `$halves`
-    /// (at most 4) for the format's bit width and arithmetic.
+    /// (at most `$most`: 6 with AVX-512's 32 registers, 4 with AVX2's 16) for the format's
+    /// bit width and arithmetic.
     macro_rules! dispatch {
-        ($lanes:ident, $halves:ident, $format:expr, $use_lanes:expr, $g:expr, $nb:expr, $a:expr, $out:expr) => {{
+        ($lanes:ident, $halves:ident, $most:tt, $format:expr, $use_lanes:expr, $g:expr, $nb:expr, $a:expr, $out:expr) => {{
             let (format, g, nb, a, out) = ($format, $g, $nb, $a, $out);
             macro_rules! bits {
                 ($f:ident, $c:literal, $grp:expr, $cols:expr, $o:expr) => {{
@@ -1044,15 +1058,12 @@ mod x86 {
                     }
                 }
             } else {
-                let calls = a.len().div_ceil(4);
-                for (i, (a, out)) in a.chunks(4).zip(out.chunks_mut(4)).enumerate() {
+                // As few calls as `$most` rows a call allows, their rows evened out.
+                let calls = a.len().div_ceil($most);
+                let per = a.len().div_ceil(calls);
+                for (i, (a, out)) in a.chunks(per).zip(out.chunks_mut(per)).enumerate() {
                     let first = g.share(i, calls, nb);
-                    match a.len() {
-                        1 => bits!($halves, 1, first, [a[0]], out),
-                        2 => bits!($halves, 2, first, [a[0], a[1]], out),
-                        3 => bits!($halves, 3, first, [a[0], a[1], a[2]], out),
-                        _ => bits!($halves, 4, first, [a[0], a[1], a[2], a[3]], out),
-                    }
+                    halves_call!($halves, $most, first, a, out);
                 }
             }
         }};
@@ -1076,9 +1087,9 @@ mod x86 {
         {
             return;
         }
-        let per_call = if lanes { 2 } else { 4 };
+        let per_call = if lanes { 2 } else { 6 };
         if a.len() <= per_call {
-            return dispatch!(lanes512, halves512, format, lanes, g, nb, a, out);
+            return dispatch!(lanes512, halves512, 6, format, lanes, g, nb, a, out);
         }
         // More activation rows than one kernel call takes: unpack the group's values once
         // (into L1) for all the calls, instead of once per call.
@@ -1108,7 +1119,7 @@ mod x86 {
                 unpacked: buf.as_ptr() as *const u8,
                 ..g
             };
-            dispatch!(lanes512, halves512, format, lanes, gu, nb, a, out)
+            dispatch!(lanes512, halves512, 6, format, lanes, gu, nb, a, out)
         })
     }
 
@@ -1567,7 +1578,7 @@ mod x86 {
         a: &[&[Act]],
         out: &mut [[f32; ROWS]],
     ) {
-        dispatch!(lanes256, halves256, format, lanes, g, nb, a, out)
+        dispatch!(lanes256, halves256, 4, format, lanes, g, nb, a, out)
     }
 }
 
