@@ -809,6 +809,8 @@ mod x86 {
         );
     }
 
+    // ---- AVX-512 VNNI: 16 rows per register ----
+
     /// `mins + m·s`, a block's minimum term added to its accumulator (unchanged for a
     /// format without a minimum).
     #[inline(always)]
@@ -820,8 +822,6 @@ mod x86 {
             Scheme::D16 | Scheme::K6 => mins,
         }
     }
-
-    // ---- AVX-512 VNNI: 16 rows per register ----
 
     /// Eight zmm registers added as llama.cpp's `hsum8` adds the lanes of one.
     #[inline(always)]
