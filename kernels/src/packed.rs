@@ -378,6 +378,45 @@ pub fn dot_ref(format: QFormat, arithmetic: Arithmetic, w: &[Decoded], a: &[Act]
     }
 }
 
+/// Scales of block `b` as (d0, d1, m), whatever the register width (the portable path's
+/// arrays of 16 rows, AVX-512's or AVX2's registers): `f16` loads the register's f16
+/// scales at a pointer, `ints` its 8-bit integer scales (signed or not) as floats; the
+/// K-quants' products formed as the decoder forms them (`D·sc`, `−(Dmin·mn)`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn scales_with<V: Copy>(
+    scheme: Scheme,
+    g: Group,
+    b: usize,
+    zero: V,
+    f16: impl Fn(*const u8) -> V,
+    ints: impl Fn(*const u8, bool) -> V,
+    mul: impl Fn(V, V) -> V,
+    neg: impl Fn(V) -> V,
+) -> (V, V, V) {
+    let s = g.scales.add(b * scheme.bytes());
+    match scheme {
+        Scheme::D16 => {
+            let d = f16(s);
+            (d, d, zero)
+        }
+        Scheme::D16M16 => {
+            let d = f16(s);
+            (d, d, f16(s.add(32)))
+        }
+        Scheme::K4 => {
+            let k = g.supers.add(b / 8 * 64);
+            let d = mul(f16(k), ints(s, false));
+            let m = mul(f16(k.add(32)), ints(s.add(16), false));
+            (d, d, neg(m))
+        }
+        Scheme::K6 => {
+            let sd = f16(g.supers.add(b / 8 * 32));
+            (mul(sd, ints(s, true)), mul(sd, ints(s.add(16), true)), zero)
+        }
+    }
+}
+
 mod scalar {
     use super::*;
 
@@ -453,39 +492,20 @@ mod scalar {
     /// `g` must point at a group of at least `b + 1` blocks of `format`.
     #[inline(always)]
     unsafe fn row_scales(format: QFormat, g: Group, b: usize) -> [[f32; ROWS]; 3] {
-        let scheme = format.scheme();
-        let s = g.scales.add(b * scheme.bytes());
-        match scheme {
-            Scheme::D16 => {
-                let d = f16_row(s);
-                [d, d, [0.0; ROWS]]
-            }
-            Scheme::D16M16 => {
-                let d = f16_row(s);
-                [d, d, f16_row(s.add(32))]
-            }
-            Scheme::K4 | Scheme::K6 => {
-                let k = g.supers.add(b / 8 * scheme.super_bytes());
-                let sd = f16_row(k);
-                let first = std::ptr::read_unaligned(s as *const [u8; ROWS]);
-                let second = std::ptr::read_unaligned(s.add(16) as *const [u8; ROWS]);
-                if scheme == Scheme::K4 {
-                    let sdmin = f16_row(k.add(32));
-                    let d = std::array::from_fn(|i| sd[i] * first[i] as f32);
-                    [
-                        d,
-                        d,
-                        std::array::from_fn(|i| -(sdmin[i] * second[i] as f32)),
-                    ]
-                } else {
-                    [
-                        std::array::from_fn(|i| sd[i] * first[i] as i8 as f32),
-                        std::array::from_fn(|i| sd[i] * second[i] as i8 as f32),
-                        [0.0; ROWS],
-                    ]
-                }
-            }
-        }
+        let (d0, d1, m) = scales_with(
+            format.scheme(),
+            g,
+            b,
+            [0.0; ROWS],
+            |p| f16_row(p),
+            |p, signed| {
+                let x = std::ptr::read_unaligned(p as *const [u8; ROWS]);
+                x.map(|v| if signed { v as i8 as f32 } else { v as f32 })
+            },
+            |x, y| std::array::from_fn(|i| x[i] * y[i]),
+            |x| x.map(|v| -v),
+        );
+        [d0, d1, m]
     }
 
     /// One block of a group, decoded for the portable path: plane `k` holds elements
@@ -555,6 +575,7 @@ mod scalar {
     ///
     /// # Safety
     /// `p` must point at 32 readable bytes.
+    #[inline(always)]
     unsafe fn f16_row(p: *const u8) -> [f32; ROWS] {
         use half::slice::HalfFloatSliceExt;
         let bits = std::ptr::read_unaligned(p as *const [u16; ROWS]);
@@ -734,45 +755,6 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-
-    /// Scales of block `b` as (d0, d1, m), whatever the register width: `f16` loads the
-    /// register's f16 scales at a pointer, `ints` its 8-bit integer scales (signed or
-    /// not) as floats; the K-quants' products formed as the decoder forms them (`D·sc`,
-    /// `−(Dmin·mn)`).
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn scales_with<V: Copy>(
-        scheme: Scheme,
-        g: Group,
-        b: usize,
-        zero: V,
-        f16: impl Fn(*const u8) -> V,
-        ints: impl Fn(*const u8, bool) -> V,
-        mul: impl Fn(V, V) -> V,
-        neg: impl Fn(V) -> V,
-    ) -> (V, V, V) {
-        let s = g.scales.add(b * scheme.bytes());
-        match scheme {
-            Scheme::D16 => {
-                let d = f16(s);
-                (d, d, zero)
-            }
-            Scheme::D16M16 => {
-                let d = f16(s);
-                (d, d, f16(s.add(32)))
-            }
-            Scheme::K4 => {
-                let k = g.supers.add(b / 8 * 64);
-                let d = mul(f16(k), ints(s, false));
-                let m = mul(f16(k.add(32)), ints(s.add(16), false));
-                (d, d, neg(m))
-            }
-            Scheme::K6 => {
-                let sd = f16(g.supers.add(b / 8 * 32));
-                (mul(sd, ints(s, true)), mul(sd, ints(s.add(16), true)), zero)
-            }
-        }
-    }
 
     /// Scales of block `b` for 16 rows: (d0, d1, m) as f32.
     #[inline(always)]
