@@ -24,10 +24,15 @@ fn main() {
         eprintln!("usage: kl_divergence REFERENCE.gguf TESTED.gguf TEXT_FILE [TOKENS]");
         std::process::exit(2);
     };
-    let n: usize = rest
-        .first()
-        .map_or(1024, |s| s.parse().expect("TOKENS: a number"));
-    let text = std::fs::read_to_string(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    let n: usize = match rest.first().map(|s| s.parse()) {
+        None => 1024,
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => fail(format_args!(
+            "TOKENS: {:?} is not a positive number",
+            rest[0]
+        )),
+    };
+    let text = std::fs::read_to_string(text).unwrap_or_else(|e| fail(format_args!("{text}: {e}")));
     let pool = Arc::new(
         rayon::ThreadPoolBuilder::new()
             .num_threads(2)
@@ -41,13 +46,19 @@ fn main() {
                 ..LoadOptions::default()
             };
             let mut m = LoadedModel::load_with(path, &candle_core::Device::Cpu, options)
-                .unwrap_or_else(|e| panic!("{path}: {e}"));
+                .unwrap_or_else(|e| fail(format_args!("{e}")));
             m.model.set_kv_dtype(kv);
             m
         };
         let base = load(reference, Arithmetic::Lanes, KvDtype::F32);
-        let tokens = base.info.tokenizer.encode(&text, false).unwrap();
-        assert!(tokens.len() > n, "the text has {} tokens, {n} asked", tokens.len());
+        let tokens = base
+            .info
+            .tokenizer
+            .encode(&text, false)
+            .unwrap_or_else(|e| fail(format_args!("{}: {e}", args[2])));
+        if tokens.len() <= n {
+            fail(format_args!("{}: {} tokens, {n} asked", args[2], tokens.len()));
+        }
         let tokens = &tokens[..n + 1];
         let reference = log_probs(&base, tokens);
         drop(base);
@@ -89,6 +100,12 @@ fn main() {
             }
         }
     });
+}
+
+/// Prints `message` as the error it is and exits with status 1.
+fn fail(message: std::fmt::Arguments<'_>) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(1)
 }
 
 /// The log-softmax of the logits after each of `tokens[..n]`, one decode step each.
