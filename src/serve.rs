@@ -84,6 +84,23 @@ pub struct ServeArgs {
     /// sets no max_tokens.
     #[arg(long)]
     max_tokens: Option<usize>,
+    /// Largest grammar a request may send (response_format schema, grammar, regex,
+    /// guided_*, the tools' schemas), in KiB.
+    #[arg(long, default_value_t = 256)]
+    max_grammar_kb: usize,
+    /// Deepest nesting of a request's grammar: subschemas within subschemas (`$ref`s
+    /// followed), or Lark rules referring to rules.
+    #[arg(long, default_value_t = 128)]
+    max_grammar_depth: usize,
+    /// Seconds a request's grammar may take to compile (waiting for a free compiler
+    /// included).
+    #[arg(long, default_value_t = 10)]
+    grammar_timeout: u64,
+    /// Tokenize raw /v1/completions prompts with control-token text (`<|im_end|>`) as
+    /// plain text. By default such text becomes the control token, as in llama.cpp and
+    /// vLLM; chat messages are always tokenized as text.
+    #[arg(long)]
+    no_completions_special_tokens: bool,
 }
 
 /// `4096`, `512K`, `64M`, `2G` (powers of 1024) as bytes; at least 1.
@@ -162,14 +179,25 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
         }
         Ok(Duration::from_secs(s))
     };
-    if args.max_body_kb == 0 || args.max_prompt_tokens == Some(0) || args.max_tokens == Some(0) {
-        anyhow::bail!("--max-body-kb, --max-prompt-tokens and --max-tokens must be at least 1");
+    if args.max_body_kb == 0
+        || args.max_prompt_tokens == Some(0)
+        || args.max_tokens == Some(0)
+        || args.max_grammar_kb == 0
+        || args.max_grammar_depth == 0
+    {
+        anyhow::bail!("--max-body-kb, --max-prompt-tokens, --max-tokens, --max-grammar-kb and --max-grammar-depth must be at least 1");
     }
     let limits = RequestLimits {
         max_body_bytes: args.max_body_kb.saturating_mul(1024),
         body_timeout: secs("body-timeout", args.body_timeout)?,
         max_prompt_tokens: args.max_prompt_tokens,
         max_tokens: args.max_tokens,
+        grammar: hearth_engine::GrammarLimits {
+            max_bytes: args.max_grammar_kb.saturating_mul(1024),
+            max_depth: args.max_grammar_depth,
+            timeout: secs("grammar-timeout", args.grammar_timeout)?,
+        },
+        completions_special_tokens: !args.no_completions_special_tokens,
     };
     let audit = match &args.audit_log {
         Some(path) => Some(

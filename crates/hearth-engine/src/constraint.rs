@@ -7,7 +7,10 @@
 //! the step that produces that token's logits (the mask depends only on the tokens so
 //! far), so masks cost little on the critical path.
 
+mod limits;
+
 use std::sync::Arc;
+use std::time::Instant;
 
 use hearth_models::Tokenizer;
 use llguidance::api::TopLevelGrammar;
@@ -102,7 +105,8 @@ impl Constraints {
     }
 
     /// Compiles `grammar`; errors (a bad schema, a grammar that does not parse) come
-    /// back as text meant for the client.
+    /// back as text meant for the client. Unbounded: grammars from clients go through
+    /// [`Constraints::compile_bounded`].
     pub fn compile(&self, grammar: &Grammar) -> Result<Constraint, GrammarError> {
         let top = match grammar {
             Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(json_layout(schema)),
@@ -117,13 +121,106 @@ impl Constraints {
         let parser = self
             .factory
             .create_parser(top)
-            .map_err(|e| GrammarError(e.to_string()))?;
+            .map_err(|e| GrammarError(client_message(&e.to_string())))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(GrammarError(e));
+            return Err(GrammarError(client_message(&e)));
         }
         Ok(Constraint { matcher })
     }
+
+    /// Compiles a grammar a client sent, within `limits`: its size and nesting are
+    /// checked first, then it is compiled, and its first token mask computed (a grammar
+    /// whose lexer cannot be built fails here, not in the middle of a generation), on a
+    /// thread of its own with a large stack, at most [`COMPILE_SLOTS`] at once, within
+    /// the time limit. A panic in the compiler is caught and becomes an error.
+    pub fn compile_bounded(
+        self: &Arc<Self>,
+        grammar: &Grammar,
+        limits: &GrammarLimits,
+    ) -> Result<Constraint, CompileError> {
+        limits.check(grammar)?;
+        let started = Instant::now();
+        let slot =
+            limits::Slot::acquire(limits.timeout).ok_or(CompileError::Timeout(limits.timeout))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (this, grammar) = (self.clone(), grammar.clone());
+        std::thread::Builder::new()
+            .name("hearth-grammar".into())
+            .stack_size(limits::COMPILE_STACK)
+            .spawn(move || {
+                // The slot is held until the work ends, even when nobody waits any more:
+                // abandoned compilations cannot pile up.
+                let _slot = slot;
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut c = this
+                        .compile(&grammar)
+                        .map_err(|e| CompileError::Invalid(e.0))?;
+                    c.mask().map_err(|e| {
+                        CompileError::Invalid(match e.0.as_str() {
+                            "NoExtension" | "NoExtensionBias" => {
+                                "it matches no output at all (a schema that only refers to itself?)"
+                                    .into()
+                            }
+                            m => m.into(),
+                        })
+                    })?;
+                    match c.failure() {
+                        Some(why) => Err(CompileError::Invalid(why)),
+                        None => Ok(c),
+                    }
+                }));
+                let result = result.unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!("grammar compilation panicked: {what}");
+                    Err(CompileError::Internal)
+                });
+                let _ = tx.send(result);
+            })
+            .map_err(|e| {
+                tracing::error!("cannot start a grammar thread: {e}");
+                CompileError::Internal
+            })?;
+        let left = limits.timeout.saturating_sub(started.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(r) => r,
+            Err(_) => Err(CompileError::Timeout(limits.timeout)),
+        }
+    }
+}
+
+pub use limits::{CompileError, GrammarLimits, COMPILE_SLOTS};
+
+/// A compiler or matcher error as a client may see it: one line, at most 300
+/// characters, and nothing of the library's internals (a caught panic's backtrace,
+/// source paths, versions) — those stay in the log.
+fn client_message(e: &str) -> String {
+    let internal = [
+        "panicked",
+        "backtrace",
+        ".rs:",
+        "/rustc/",
+        "registry/src",
+        "RUST_BACKTRACE",
+    ];
+    if internal.iter().any(|m| e.contains(m)) {
+        tracing::warn!("grammar error with internals (not sent to the client): {e}");
+        return "the grammar could not be compiled".into();
+    }
+    let line = e
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    let mut out: String = line.chars().take(300).collect();
+    if out.len() < line.len() {
+        out.push('…');
+    }
+    out
 }
 
 /// JSON laid out as Python's `json.dumps` does (`{"a": 1, "b": [2, 3]}`), unless the
@@ -197,7 +294,7 @@ impl Constraint {
         let m = self
             .matcher
             .compute_mask_or_eos()
-            .map_err(|e| GrammarError(e.to_string()))?;
+            .map_err(|e| GrammarError(client_message(&e.to_string())))?;
         Ok(Mask(m))
     }
 
@@ -212,6 +309,26 @@ impl Constraint {
     /// advanced over; they need no sampling. Empty when nothing is forced.
     pub fn forced(&mut self) -> Vec<u32> {
         self.matcher.consume_ff_tokens()
+    }
+
+    /// Why the grammar stopped, when it failed rather than completed: it exceeded a
+    /// limit of the library (a lexer too complex, too many parser items) or met an
+    /// internal error.
+    pub fn failure(&self) -> Option<String> {
+        use llguidance::api::StopReason;
+        if let Some(e) = self.matcher.get_error() {
+            return Some(e);
+        }
+        match self.matcher.stop_reason() {
+            StopReason::LexerTooComplex => Some(
+                "its lexer is too complex (a regular expression or string pattern that expands too far)".into(),
+            ),
+            StopReason::ParserTooComplex => {
+                Some("it is too complex or ambiguous to parse".into())
+            }
+            StopReason::InternalError => Some("it could not be compiled".into()),
+            _ => None,
+        }
     }
 
     /// The output is complete: the grammar allows nothing more.

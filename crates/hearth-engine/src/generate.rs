@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use hearth_models::GgufModel;
 
-use crate::constraint::{Constraint, Constraints, Grammar, GrammarError};
+use crate::constraint::{
+    CompileError, Constraint, Constraints, Grammar, GrammarError, GrammarLimits,
+};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::llama::Llama;
 use crate::sampler::{Sampler, SamplingParams};
@@ -39,7 +41,7 @@ pub struct LoadedModel {
     pub model: Llama,
     pub info: GgufModel,
     /// Built on the first constrained request.
-    constraints: std::sync::OnceLock<Result<Constraints, GrammarError>>,
+    constraints: std::sync::OnceLock<Result<std::sync::Arc<Constraints>, GrammarError>>,
 }
 
 impl LoadedModel {
@@ -64,12 +66,32 @@ impl LoadedModel {
         })
     }
 
+    /// The grammar compiler for this model's tokenizer (built on first use).
+    fn constraints(&self) -> Result<&std::sync::Arc<Constraints>, GrammarError> {
+        self.constraints
+            .get_or_init(|| {
+                Constraints::new(self.info.tokenizer.clone(), self.info.config.vocab_size)
+                    .map(std::sync::Arc::new)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
     /// Compiles a grammar for this model's tokenizer, for [`crate::Request::constraint`].
     pub fn constraint(&self, grammar: &Grammar) -> Result<Constraint, GrammarError> {
-        let c = self.constraints.get_or_init(|| {
-            Constraints::new(self.info.tokenizer.clone(), self.info.config.vocab_size)
-        });
-        c.as_ref().map_err(Clone::clone)?.compile(grammar)
+        self.constraints()?.compile(grammar)
+    }
+
+    /// Compiles a grammar a client sent, within `limits` (see
+    /// [`Constraints::compile_bounded`]).
+    pub fn constraint_bounded(
+        &self,
+        grammar: &Grammar,
+        limits: &GrammarLimits,
+    ) -> Result<Constraint, CompileError> {
+        self.constraints()
+            .map_err(|e| CompileError::Invalid(e.0))?
+            .compile_bounded(grammar, limits)
     }
 
     pub fn context_length(&self) -> usize {

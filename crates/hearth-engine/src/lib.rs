@@ -11,7 +11,7 @@ pub mod llama;
 pub mod sampler;
 pub mod scheduler;
 
-pub use constraint::{Constraint, Constraints, Grammar, GrammarError};
+pub use constraint::{CompileError, Constraint, Constraints, Grammar, GrammarError, GrammarLimits};
 pub use device::parse_device;
 pub use embed::{EmbedHandle, Embedder, Pooling};
 pub use generate::{FinishReason, GenerationStats, LoadedModel};

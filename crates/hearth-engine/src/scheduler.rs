@@ -75,6 +75,10 @@ pub enum Event {
         completion_tokens: usize,
     },
     Failed(String),
+    /// The request's grammar failed while being followed (it exceeded a limit of the
+    /// grammar library, e.g. a lexer too complex): the grammar is at fault, not the
+    /// server.
+    GrammarFailed(String),
 }
 
 /// Limits of the scheduler.
@@ -610,9 +614,7 @@ impl Scheduler<'_> {
                     }
                 }
                 if let Err(e) = masked {
-                    let _ = s
-                        .events
-                        .send(Event::Failed(format!("constrained decoding failed: {e}")));
+                    let _ = s.events.send(Event::GrammarFailed(e.0));
                     finished.push(i);
                     continue;
                 }
@@ -631,9 +633,7 @@ impl Scheduler<'_> {
             }
             if let Some(c) = &mut s.constraint {
                 if let Err(e) = c.commit(tok) {
-                    let _ = s
-                        .events
-                        .send(Event::Failed(format!("constrained decoding failed: {e}")));
+                    let _ = s.events.send(Event::GrammarFailed(e.0));
                     finished.push(i);
                     continue;
                 }

@@ -10,6 +10,7 @@ pub mod chat_template;
 pub mod clock;
 pub mod config;
 pub mod gguf;
+pub mod guard;
 pub mod hf;
 pub mod locate;
 pub mod pin;
@@ -19,6 +20,7 @@ pub mod tools;
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use gguf::{GgmlType, GgufError, GgufFile, TensorInfo, Value};
+pub use guard::{GuardError, PromptGuard};
 pub use tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError, TokenizerKind};
 pub use tools::{ToolCall, ToolChoice, ToolFormat, ToolParser, ToolPiece, ToolSpec};
 

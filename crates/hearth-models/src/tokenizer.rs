@@ -151,6 +151,8 @@ pub struct Tokenizer {
     eog: Vec<u32>,
     pub add_bos: bool,
     add_space_prefix: bool,
+    /// Matchers over the added tokens, built on first use ([`crate::guard`]).
+    added: std::sync::OnceLock<crate::guard::AddedTokens>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -310,6 +312,7 @@ impl Tokenizer {
             add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default)
                 && bos.is_some(),
             add_space_prefix,
+            added: Default::default(),
         })
     }
 
@@ -397,6 +400,7 @@ impl Tokenizer {
             eog,
             add_bos,
             add_space_prefix: kind == TokenizerKind::Spm,
+            added: Default::default(),
         })
     }
 
@@ -411,6 +415,12 @@ impl Tokenizer {
     /// The underlying `tokenizers` object (for export or inspection).
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+
+    /// The added tokens as matchers, for [`crate::guard::PromptGuard`].
+    pub(crate) fn added_tokens(&self) -> &crate::guard::AddedTokens {
+        self.added
+            .get_or_init(|| crate::guard::AddedTokens::new(&self.inner))
     }
 
     /// Token ids for `text`, special tokens in the text recognised, with the model's
@@ -685,6 +695,7 @@ mod tests {
             eog: vec![2],
             add_bos: true,
             add_space_prefix: true,
+            added: Default::default(),
         }
     }
 

@@ -49,8 +49,9 @@ impl ApiError {
         }
     }
 
-    /// 404: the model is not served here.
+    /// 404: the model is not served here (the name cut to [`excerpt`]).
     pub fn model_not_found(model: &str) -> Self {
+        let model = excerpt(model);
         Self {
             param: Some("model".into()),
             code: Some("model_not_found"),
@@ -64,6 +65,7 @@ impl ApiError {
 
     /// 404: no such route.
     pub fn no_route(method: &str, path: &str) -> Self {
+        let (method, path) = (excerpt(method), excerpt(path));
         Self {
             code: Some("unknown_url"),
             ..Self::new(
@@ -76,6 +78,7 @@ impl ApiError {
 
     /// 405.
     pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        let (method, path) = (excerpt(method), excerpt(path));
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
@@ -173,16 +176,34 @@ impl ApiError {
         )
     }
 
+    /// The OpenAI error object. The message is cut to [`MAX_MESSAGE`] characters: what
+    /// a client sent is never echoed back whole.
     pub fn body(&self) -> Value {
+        let mut message: String = self.message.chars().take(MAX_MESSAGE).collect();
+        if message.len() < self.message.len() {
+            message.push('…');
+        }
         json!({
             "error": {
-                "message": self.message,
+                "message": message,
                 "type": self.kind,
                 "param": self.param,
                 "code": self.code,
             }
         })
     }
+}
+
+/// Longest error message sent, in characters.
+pub const MAX_MESSAGE: usize = 512;
+
+/// Client input quoted in an error: at most 64 characters, then `…`.
+pub fn excerpt(s: &str) -> String {
+    let mut out: String = s.chars().take(64).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
 }
 
 /// A response extension naming the error an [`ApiError`] became (for the audit log).

@@ -227,7 +227,7 @@ pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) 
                 }
                 Ok(mut req) => {
                     req.extensions_mut().insert(ctx.clone());
-                    let r = next.run(req).await;
+                    let r = handle(req, next).await;
                     note(&ctx, &r);
                     r
                 }
@@ -238,6 +238,27 @@ pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) 
         .metrics
         .count_request(endpoint_label(&path), response.status().as_u16());
     response
+}
+
+/// Runs the handler; a panic in it becomes a 500 (logged) instead of a dropped
+/// connection: no input can take down more than its own request.
+async fn handle(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!("a request handler panicked: {what}");
+            ApiError::internal().into_response()
+        }
+    }
 }
 
 /// Notes the response's status (and error code) on the request's record.
@@ -325,5 +346,28 @@ async fn read_body(state: &AppState, req: Request) -> Result<Request, ApiError> 
             }
         }
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_500() {
+        async fn boom() -> &'static str {
+            panic!("boom")
+        }
+        let app = axum::Router::new()
+            .route("/boom", get(boom))
+            .route("/fine", get(|| async { "fine" }))
+            .layer(axum::middleware::from_fn(handle));
+        for (path, status) in [("/boom", 500), ("/fine", 200), ("/boom", 500)] {
+            let req = Request::builder().uri(path).body(Body::empty()).unwrap();
+            let r = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(r.status().as_u16(), status, "{path}");
+        }
     }
 }

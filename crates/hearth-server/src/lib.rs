@@ -58,14 +58,23 @@ pub fn fuzz_request(data: &[u8]) {
             hearth_models::tools::check_parser_contract(&pieces);
         }
     }
-    let _ = structured::output_spec(&body);
+    // Grammars as clients may send them (deep schemas, long rule chains) through the
+    // size and nesting checks that run before any compilation.
+    let limits = hearth_engine::GrammarLimits::default();
+    if let Ok(spec) = structured::output_spec(&body) {
+        if let Some(g) = spec.grammar {
+            let _ = limits.check(&g);
+        }
+    }
     if let Ok(Some(t)) = structured::tools(&body) {
         for f in [
             hearth_models::ToolFormat::Hermes,
             hearth_models::ToolFormat::Llama3,
             hearth_models::ToolFormat::Mistral,
         ] {
-            let _ = t.grammar(f, None);
+            if let Some(g) = t.grammar(f, None) {
+                let _ = limits.check(&g);
+            }
         }
     }
     if let Ok(c) = request::ChatFields::parse(&body) {
@@ -111,6 +120,13 @@ pub struct RequestLimits {
     pub max_prompt_tokens: Option<usize>,
     /// Most tokens one request may generate per choice; also the default `max_tokens`.
     pub max_tokens: Option<usize>,
+    /// What a client's grammar (`response_format`, `grammar`, `regex`, `guided_*`, the
+    /// grammar made from `tools`) may cost to compile.
+    pub grammar: hearth_engine::GrammarLimits,
+    /// Text in a raw `/v1/completions` prompt that spells a control token becomes that
+    /// token (the default, as llama.cpp and vLLM do); off, it is tokenized as text.
+    /// Chat messages are always tokenized as text.
+    pub completions_special_tokens: bool,
 }
 
 impl Default for RequestLimits {
@@ -120,6 +136,8 @@ impl Default for RequestLimits {
             body_timeout: Duration::from_secs(30),
             max_prompt_tokens: None,
             max_tokens: None,
+            grammar: hearth_engine::GrammarLimits::default(),
+            completions_special_tokens: true,
         }
     }
 }

@@ -335,7 +335,7 @@ impl ChatFields {
                 other => {
                     return Err(ApiError::invalid(
                         Some(&format!("messages[{i}].role")),
-                        format!("Invalid 'messages[{i}].role': {other:?} is not supported; use system, developer, user, assistant or tool."),
+                        format!("Invalid 'messages[{i}].role': {:?} is not supported; use system, developer, user, assistant or tool.", crate::error::excerpt(other)),
                     ))
                 }
             };

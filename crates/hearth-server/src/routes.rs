@@ -14,8 +14,8 @@ use axum::Extension;
 use axum::Json;
 use futures_util::future::try_join_all;
 use hearth_engine::scheduler::{Event, Request, SubmitError};
-use hearth_engine::{Constraint, FinishReason, Grammar, LoadedModel};
-use hearth_models::{ToolCall, ToolFormat, ToolParser, ToolPiece};
+use hearth_engine::{CompileError, Constraint, FinishReason, Grammar, GrammarLimits, LoadedModel};
+use hearth_models::{PromptGuard, ToolCall, ToolFormat, ToolParser, ToolPiece};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
@@ -164,20 +164,37 @@ pub async fn chat_completions(
     }
     let tool_format = active.as_ref().map(|_| info.chat_template.tool_format);
     let model = engine.model.clone();
+    let limits = state.limits.grammar.clone();
+    let param = spec.param;
     // Template, tokenizer and grammar work is CPU work: off the async threads.
     let (prompts, constraint) = blocking(move || {
         let info = &model.info;
-        let raw = tools.as_ref().map_or(&[][..], |t| &t.raw[..]);
+        // Client text is tokenized as text: only the template's markup becomes control
+        // tokens.
+        let mut guard = PromptGuard::new(&info.tokenizer);
+        let hidden = |e: hearth_models::GuardError| {
+            ApiError::invalid(
+                Some("messages"),
+                format!("Cannot tokenize the messages: {e}"),
+            )
+        };
+        let messages = guard.hide_messages(&messages).map_err(hidden)?;
+        let raw = tools
+            .as_ref()
+            .map_or(Ok(Vec::new()), |t| {
+                t.raw.iter().map(|v| guard.hide_value(v)).collect()
+            })
+            .map_err(hidden)?;
         let text = info
             .chat_template
-            .render_with_tools(&messages, raw, true)
+            .render_with_tools(&messages, &raw, true)
             .map_err(|e| {
                 ApiError::invalid(
                     Some("messages"),
                     format!("The chat template rejected the messages: {e}"),
                 )
             })?;
-        let tokens = info.tokenizer.encode(&text, false).map_err(|e| {
+        let tokens = guard.encode(&text, false).map_err(|e| {
             ApiError::invalid(
                 Some("messages"),
                 format!("Cannot tokenize the messages: {e}"),
@@ -191,16 +208,22 @@ pub async fn chat_completions(
                     .filter(|&id| tok.is_control(id))
                     .map(|id| format!("<[{id}]>"));
                 let grammar = t.grammar(info.chat_template.tool_format, mistral.as_deref());
-                compile(&model, grammar.as_ref(), "tools")?
+                compile(&model, grammar.as_ref(), "tools", &limits)?
             }
-            None => compile(&model, spec.grammar.as_ref(), spec.param)?,
+            None => compile(&model, spec.grammar.as_ref(), spec.param, &limits)?,
         };
         Ok((vec![PromptJob { tokens, echo: None }], constraint))
     })
     .await?;
+    let grammar_param = if tool_format.is_some() {
+        Some("tools")
+    } else {
+        constraint.as_ref().map(|_| param)
+    };
     let out = Output {
         constraint,
         tool_format,
+        grammar_param,
     };
     run(state.clone(), Kind::Chat, gen, prompts, out, origin).await
 }
@@ -233,21 +256,30 @@ impl Origin {
 struct Output {
     constraint: Option<Constraint>,
     tool_format: Option<ToolFormat>,
+    /// The parameter the grammar came from, for errors.
+    grammar_param: Option<&'static str>,
 }
 
-/// Compiles a grammar for the model; a bad one is the client's 400.
+/// Compiles a client's grammar for the model within the server's grammar limits; a bad
+/// one, or one over a limit, is the client's 400 naming the parameter.
 fn compile(
     model: &LoadedModel,
     grammar: Option<&Grammar>,
     param: &str,
+    limits: &GrammarLimits,
 ) -> Result<Option<Constraint>, ApiError> {
     let Some(g) = grammar else {
         return Ok(None);
     };
-    model
-        .constraint(g)
-        .map(Some)
-        .map_err(|e| ApiError::invalid(Some(param), format!("Invalid '{param}': {e}")))
+    model.constraint_bounded(g, limits).map(Some).map_err(|e| {
+        let hint = match e {
+            CompileError::TooLarge { .. } => " (--max-grammar-kb)",
+            CompileError::TooDeep { .. } => " (--max-grammar-depth)",
+            CompileError::Timeout(_) => " (--grammar-timeout)",
+            CompileError::Invalid(_) | CompileError::Internal => "",
+        };
+        ApiError::invalid(Some(param), format!("Invalid '{param}': {e}{hint}."))
+    })
 }
 
 pub async fn completions(
@@ -272,12 +304,16 @@ pub async fn completions(
     let inputs = fields.prompts()?;
     let spec = structured::output_spec(&body)?;
     let model = engine.model.clone();
+    let limits = state.limits.grammar.clone();
+    let plain = !state.limits.completions_special_tokens;
+    let param = spec.param;
     let (prompts, constraint) = blocking(move || {
-        let constraint = compile(&model, spec.grammar.as_ref(), spec.param)?;
-        Ok((prompt_jobs(&model, inputs, echo)?, constraint))
+        let constraint = compile(&model, spec.grammar.as_ref(), spec.param, &limits)?;
+        Ok((prompt_jobs(&model, inputs, echo, plain)?, constraint))
     })
     .await?;
     let out = Output {
+        grammar_param: constraint.as_ref().map(|_| param),
         constraint,
         tool_format: None,
     };
@@ -294,20 +330,30 @@ async fn blocking<T: Send + 'static>(
     })?
 }
 
-/// Completion prompts as token ids (and their text, for `echo`).
+/// Completion prompts as token ids (and their text, for `echo`). With `plain`, text
+/// that spells a control token is tokenized as text (`--no-completions-special-tokens`).
 fn prompt_jobs(
     model: &LoadedModel,
     inputs: Vec<PromptInput>,
     echo: bool,
+    plain: bool,
 ) -> Result<Vec<PromptJob>, ApiError> {
     let info = &model.info;
     let mut prompts = Vec::new();
     for p in inputs {
         let (tokens, text) = match p {
             PromptInput::Text(t) => {
-                let ids = info.tokenizer.encode(&t, true).map_err(|e| {
+                let bad = |e: String| {
                     ApiError::invalid(Some("prompt"), format!("Cannot tokenize the prompt: {e}"))
-                })?;
+                };
+                let ids = if plain {
+                    let mut guard = PromptGuard::new(&info.tokenizer);
+                    let hidden = guard.hide(&t).map_err(|e| bad(e.to_string()))?;
+                    guard.encode(&hidden, true)
+                } else {
+                    info.tokenizer.encode(&t, true)
+                }
+                .map_err(|e| bad(e.to_string()))?;
                 (ids, t)
             }
             PromptInput::Tokens(ids) => {
@@ -353,6 +399,8 @@ struct Job {
     ctx: Option<Arc<RequestCtx>>,
     /// Tool calls are read out of the reply in this format.
     tool_format: Option<ToolFormat>,
+    /// The parameter the output's grammar came from.
+    grammar_param: Option<&'static str>,
 }
 
 async fn run(
@@ -467,6 +515,7 @@ async fn run(
         received: origin.received,
         ctx: origin.ctx.clone(),
         tool_format: out.tool_format,
+        grammar_param: out.grammar_param,
     });
     if let Some(c) = &origin.ctx {
         c.begin(
@@ -554,6 +603,13 @@ async fn drive_choice(
             Event::Failed(msg) => {
                 tracing::error!("generation failed: {msg}");
                 return Err(ApiError::internal());
+            }
+            Event::GrammarFailed(msg) => {
+                let param = job.grammar_param.unwrap_or("response_format");
+                return Err(ApiError::invalid(
+                    Some(param),
+                    format!("Invalid '{param}': the grammar failed during generation: {msg}."),
+                ));
             }
         }
     }

@@ -8,7 +8,7 @@ use hearth_engine::Grammar;
 use hearth_models::{ToolChoice, ToolFormat, ToolSpec};
 use serde_json::{json, Value};
 
-use crate::error::ApiError;
+use crate::error::{excerpt, ApiError};
 
 /// The output constraint of a request, before it is compiled.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,10 @@ pub struct Tools {
     pub choice: ToolChoice,
     pub parallel: bool,
 }
+
+/// Most strings `guided_choice` may list (as OpenAI bounds a strict schema's enum
+/// values); their total size is bounded by the grammar size limit too.
+pub const MAX_CHOICES: usize = 1000;
 
 fn invalid(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::invalid(Some(param), message)
@@ -82,6 +86,15 @@ pub fn output_spec(body: &Value) -> Result<OutputSpec, ApiError> {
     }
     match body.get("guided_choice") {
         None | Some(Value::Null) => {}
+        Some(Value::Array(items)) if items.len() > MAX_CHOICES => {
+            return Err(invalid(
+                "guided_choice",
+                format!(
+                    "Invalid 'guided_choice': {} choices given; at most {MAX_CHOICES}.",
+                    items.len()
+                ),
+            ))
+        }
         Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_string) => {
             found.push(("guided_choice", choice_grammar(items)));
         }
@@ -143,7 +156,7 @@ fn response_format(rf: &Value) -> Result<Option<Grammar>, ApiError> {
                 Some(n) if valid_name(n) => {}
                 Some(n) => return Err(invalid(
                     "response_format.json_schema.name",
-                    format!("Invalid 'response_format.json_schema.name': {n:?}; use at most 64 letters, digits, underscores and dashes."),
+                    format!("Invalid 'response_format.json_schema.name': {:?}; use at most 64 letters, digits, underscores and dashes.", excerpt(n)),
                 )),
                 None => return Err(invalid(
                     "response_format.json_schema.name",
@@ -164,7 +177,7 @@ fn response_format(rf: &Value) -> Result<Option<Grammar>, ApiError> {
         }
         Some(other) => Err(invalid(
             "response_format.type",
-            format!("Invalid 'response_format.type': {other:?}; expected 'text', 'json_object' or 'json_schema'."),
+            format!("Invalid 'response_format.type': {:?}; expected 'text', 'json_object' or 'json_schema'.", excerpt(other)),
         )),
         None => Err(invalid(
             "response_format.type",
@@ -224,7 +237,7 @@ pub fn tools(body: &Value) -> Result<Option<Tools>, ApiError> {
             Some(n) if valid_name(n) => n.to_owned(),
             Some(n) => return Err(invalid(
                 &format!("{here}.function.name"),
-                format!("Invalid '{here}.function.name': {n:?}; use at most 64 letters, digits, underscores and dashes."),
+                format!("Invalid '{here}.function.name': {:?}; use at most 64 letters, digits, underscores and dashes.", excerpt(n)),
             )),
             None => {
                 return Err(invalid(
@@ -265,7 +278,7 @@ pub fn tools(body: &Value) -> Result<Option<Tools>, ApiError> {
             "required" => ToolChoice::Required,
             other => return Err(invalid(
                 "tool_choice",
-                format!("Invalid 'tool_choice': {other:?}; expected 'none', 'auto', 'required' or a function."),
+                format!("Invalid 'tool_choice': {:?}; expected 'none', 'auto', 'required' or a function.", excerpt(other)),
             )),
         },
         Some(v) => {
@@ -280,7 +293,7 @@ pub fn tools(body: &Value) -> Result<Option<Tools>, ApiError> {
                 (Some("function"), Some(n)) => {
                     return Err(invalid(
                         "tool_choice",
-                        format!("Invalid 'tool_choice': no tool named {n:?} was given in 'tools'."),
+                        format!("Invalid 'tool_choice': no tool named {:?} was given in 'tools'.", excerpt(n)),
                     ))
                 }
                 _ => return Err(invalid(
