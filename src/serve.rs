@@ -187,14 +187,6 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let mut keys: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_owned()).collect();
-    if !keys.is_empty() {
-        eprintln!(
-            "hearth: warning: --api-key puts the key on the command line, where `ps` shows it to every user; use --api-key-file, HEARTH_API_KEYS or --api-keys-file"
-        );
-    }
-    if let Some(file) = &args.api_key_file {
-        keys.extend(read_api_key_file(file)?);
-    }
     if let Ok(env) = std::env::var("HEARTH_API_KEYS") {
         keys.extend(
             env.split(',')
@@ -205,6 +197,14 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
     }
     if keys.iter().any(String::is_empty) {
         anyhow::bail!("an empty --api-key is not allowed");
+    }
+    if !args.api_keys.is_empty() {
+        eprintln!(
+            "hearth: warning: --api-key puts the key on the command line, where `ps` shows it to every user; use --api-key-file, HEARTH_API_KEYS or --api-keys-file"
+        );
+    }
+    if let Some(file) = &args.api_key_file {
+        keys.extend(read_api_key_file(file)?);
     }
     let secs = |name: &str, s: u64| {
         if s == 0 {
