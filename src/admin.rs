@@ -50,7 +50,8 @@ pub struct AuditArgs {
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
     /// Check the hash chain across audit log files (any order, rotated files included);
-    /// report the first broken or missing line.
+    /// report the first broken or missing line, and the requests that started and never
+    /// finished.
     Verify {
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -58,6 +59,24 @@ enum AuditCommand {
         /// deleted on purpose).
         #[arg(long)]
         partial: bool,
+        /// The chain key the server was given (--audit-key-file): checks every line's mac.
+        /// A keyed log cannot be checked without it.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The checkpoint public key (`hearth audit keygen`): checks every checkpoint's
+        /// signature, and the LOG.checkpoint sidecar's.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// Make an Ed25519 key pair for signed checkpoints: PREFIX.key (private, mode 0600,
+    /// for `hearth serve --audit-signing-key`) and PREFIX.pub (for verifiers).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write a new chain key (for `hearth serve --audit-key-file`) to this file
+        /// (mode 0600).
+        #[arg(long)]
+        chain_key: Option<PathBuf>,
     },
 }
 
@@ -133,9 +152,22 @@ pub fn keys(args: KeysArgs) -> anyhow::Result<()> {
 }
 
 pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    use hearth_server::audit::{self, ChainKey, Check, PublicKey, SigningKey};
     match args.command {
-        AuditCommand::Verify { files, partial } => {
-            let v = hearth_server::audit::verify(&files, partial)
+        AuditCommand::Verify {
+            files,
+            partial,
+            key_file,
+            public_key,
+        } => {
+            let key = key_file.as_deref().map(ChainKey::read).transpose()?;
+            let public_key = public_key.as_deref().map(PublicKey::read).transpose()?;
+            let check = Check {
+                partial,
+                key: key.as_ref(),
+                public_key: public_key.as_ref(),
+            };
+            let v = audit::verify_with(&files, check)
                 .map_err(|b| anyhow::anyhow!("audit chain broken at {b}"))?;
             let seqs = match v.last_seq {
                 Some(last) => format!("seq {} to {last}", v.first_seq),
@@ -147,7 +179,75 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
                 v.files.len(),
                 v.head
             );
+            if let Some(from) = v.keyed_from {
+                println!(
+                    "keyed: {} from seq {from}, every mac checked",
+                    ChainKey::SCHEME
+                );
+            }
+            match &v.last_checkpoint {
+                Some((seq, time)) => println!(
+                    "checkpoints: {}, signatures {}; the last at seq {seq} ({time})",
+                    v.checkpoints,
+                    if v.signed {
+                        "checked"
+                    } else {
+                        "NOT checked (give --public-key)"
+                    }
+                ),
+                None => println!("checkpoints: none"),
+            }
+            match &v.sidecar {
+                Some((path, s)) => println!(
+                    "sidecar {}: the log holds its checkpoint at seq {}",
+                    path.display(),
+                    s.seq
+                ),
+                None if v.checkpoints > 0 => println!(
+                    "sidecar: none found; lines cut after the last checkpoint cannot be told from a whole log"
+                ),
+                None => {}
+            }
+            if !v.unfinished.is_empty() {
+                println!(
+                    "warning: {} request(s) started and never finished (the server died, or is still serving them):",
+                    v.unfinished.len()
+                );
+                for u in &v.unfinished {
+                    println!("  {} seq {} {} {}", u.id, u.seq, u.time, u.endpoint);
+                }
+            }
+        }
+        AuditCommand::Keygen { out, chain_key } => {
+            if let Some(p) = &chain_key {
+                write_new_private(p, &ChainKey::generate()?)?;
+            }
+            let (private, public) = SigningKey::generate(&out)?;
+            eprintln!(
+                "hearth: wrote {} (private: give it to `hearth serve --audit-signing-key`) and {} (public: for `hearth audit verify --public-key`)",
+                private.display(),
+                public.display()
+            );
+            if let Some(p) = &chain_key {
+                eprintln!(
+                    "hearth: wrote {} (secret chain key: `hearth serve --audit-key-file`, `hearth audit verify --key-file`)",
+                    p.display()
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// Writes a new file (never overwriting) that only its owner may read.
+fn write_new_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }

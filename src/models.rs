@@ -108,6 +108,23 @@ pub fn check_pin(path: &Path, explicit: Option<&str>, require: bool) -> anyhow::
     Ok(())
 }
 
+/// The hash that names a model in audit records: the file's SHA-256, or for a folder,
+/// that of its `manifest.toml` (which pins every file; `None` without one).
+pub fn identity_sha256(path: &Path) -> anyhow::Result<Option<String>> {
+    let file = if path.is_dir() {
+        let manifest = path.join(locate::MANIFEST);
+        if !manifest.is_file() {
+            return Ok(None);
+        }
+        manifest
+    } else {
+        path.to_path_buf()
+    };
+    let cache = HashCache::default_location();
+    let (sha, _) = pin::hash_with_cache(&file, cache.as_ref(), true, &mut progress(&file))?;
+    Ok(Some(sha))
+}
+
 /// A model folder is pinned file by file by a `manifest.toml` inside it (one entry per
 /// file: weights, tokenizer, config); every file it lists must match.
 fn check_folder_pins(dir: &Path, explicit: Option<&str>, require: bool) -> anyhow::Result<()> {

@@ -25,9 +25,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080, env = "HEARTH_PORT")]
     port: u16,
     /// An accepted API key (repeatable); HEARTH_API_KEYS takes a comma-separated list.
-    /// With no keys, no authentication.
+    /// With no keys, no authentication. A key given here shows in `ps`: prefer
+    /// --api-key-file, HEARTH_API_KEYS or --api-keys-file.
     #[arg(long = "api-key")]
     api_keys: Vec<String>,
+    /// A file of accepted API keys, one per line (blank lines and `#` comments ignored).
+    #[arg(long, env = "HEARTH_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
     /// The model's name in the API (default: the model file's name without extension).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -57,6 +61,19 @@ pub struct ServeArgs {
     /// When audit lines are forced to disk: always, never, or an interval (1s, 200ms).
     #[arg(long, default_value = "1s", requires = "audit_log")]
     audit_fsync: hearth_server::Fsync,
+    /// Key the audit chain with the secret in this file (hex, at least 32 bytes; mode
+    /// 0600): each line gets an HMAC-SHA256 `mac`, so only the key holder can rebuild the
+    /// chain. `hearth audit verify --key-file` checks it.
+    #[arg(long, env = "HEARTH_AUDIT_KEY_FILE", requires = "audit_log")]
+    audit_key_file: Option<PathBuf>,
+    /// Sign audit checkpoints with this Ed25519 key (`hearth audit keygen`; mode 0600):
+    /// every --audit-checkpoint-every lines and at shutdown, the latest also kept in
+    /// AUDIT_LOG.checkpoint. `hearth audit verify --public-key` checks them.
+    #[arg(long, env = "HEARTH_AUDIT_SIGNING_KEY", requires = "audit_log")]
+    audit_signing_key: Option<PathBuf>,
+    /// Lines between signed checkpoints.
+    #[arg(long, default_value_t = 1000, requires = "audit_signing_key")]
+    audit_checkpoint_every: u64,
     /// Rotate the audit log when it reaches this size (bytes, or with K, M or G); the
     /// full file becomes PATH.N and the chain continues in PATH.
     #[arg(long, requires = "audit_log", value_parser = parse_size)]
@@ -120,6 +137,31 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is not a size such as 1048576, 512K, 64M or 2G"))
 }
 
+/// The keys of an `--api-key-file`: one per line; blank lines and `#` comments skipped.
+fn read_api_key_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the API key file {}", path.display()))?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let key = line.trim();
+        if key.is_empty() || key.starts_with('#') {
+            continue;
+        }
+        if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            anyhow::bail!(
+                "{}:{}: a key cannot contain spaces or control characters (one key per line)",
+                path.display(),
+                i + 1
+            );
+        }
+        keys.push(key.to_owned());
+    }
+    if keys.is_empty() {
+        anyhow::bail!("{}: no keys in the file", path.display());
+    }
+    Ok(keys)
+}
+
 impl ServeArgs {
     pub fn model_args(&self) -> &ModelArgs {
         &self.model
@@ -173,6 +215,14 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
     if keys.iter().any(String::is_empty) {
         anyhow::bail!("an empty --api-key is not allowed");
     }
+    if !args.api_keys.is_empty() {
+        eprintln!(
+            "hearth: warning: --api-key puts the key on the command line, where `ps` shows it to every user; use --api-key-file, HEARTH_API_KEYS or --api-keys-file"
+        );
+    }
+    if let Some(file) = &args.api_key_file {
+        keys.extend(read_api_key_file(file)?);
+    }
     let secs = |name: &str, s: u64| {
         if s == 0 {
             anyhow::bail!("--{name} must be at least 1 second");
@@ -199,6 +249,22 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
         },
         completions_special_tokens: !args.no_completions_special_tokens,
     };
+    let chain_key = match &args.audit_key_file {
+        Some(p) => Some(hearth_server::audit::ChainKey::read(p)?),
+        None => None,
+    };
+    let checkpoints = match &args.audit_signing_key {
+        Some(p) => {
+            if args.audit_checkpoint_every == 0 {
+                anyhow::bail!("--audit-checkpoint-every must be at least 1");
+            }
+            Some(hearth_server::audit::Checkpoints {
+                key: Arc::new(hearth_server::audit::SigningKey::read(p)?),
+                every: args.audit_checkpoint_every,
+            })
+        }
+        None => None,
+    };
     let audit = match &args.audit_log {
         Some(path) => Some(
             AuditLog::open(AuditConfig {
@@ -206,6 +272,8 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
                 fsync: args.audit_fsync,
                 max_bytes: args.audit_rotate_size,
                 content: args.audit_content,
+                chain_key,
+                checkpoints,
             })
             .map_err(anyhow::Error::msg)
             .context("cannot open the audit log")?,
@@ -243,6 +311,7 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
     let started = Instant::now();
     let loader_state = state.clone();
     let (pin, require_pin) = (args.model.sha256.clone(), args.model.require_pin);
+    let audited = args.audit_log.is_some();
     let kv_dtype = args.model.kv_cache_dtype;
     let options = args.model.load_options()?;
     let pool = Arc::new(pool);
@@ -251,6 +320,18 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
         .spawn(move || {
             let result = (|| -> anyhow::Result<()> {
                 crate::models::check_pin(&path, pin.as_deref(), require_pin)?;
+                // Audit records name the file and its hash (read once; cached after).
+                let sha256 = if audited {
+                    crate::models::identity_sha256(&path)?
+                } else {
+                    None
+                };
+                loader_state.set_model_file(hearth_server::ModelFile {
+                    name: path
+                        .file_name()
+                        .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                    sha256,
+                });
                 if hearth_engine::Embedder::is_embedding_folder(&path) {
                     let embedder = hearth_engine::Embedder::load(&path, &device)?;
                     let handle = hearth_engine::EmbedHandle::spawn(embedder, 64, pool)?;

@@ -407,7 +407,10 @@ fn audit_content_streams_cancellation_and_rotation() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 13 lines"));
+    // Each request has its `started` and its `finished` line.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("ok: 26 lines"), "{stdout}");
+    assert!(!stdout.contains("never finished"), "{stdout}");
     // Without the first file the start is missing (unless --partial).
     let oldest = dir.path().join("audit.log.1");
     let rest: Vec<String> = files
@@ -423,6 +426,7 @@ fn audit_content_streams_cancellation_and_rotation() {
 
     let mut lines: Vec<Value> = files.iter().flat_map(|f| audit_lines(f)).collect();
     lines.sort_by_key(|l| l["seq"].as_u64().unwrap());
+    lines.retain(|l| l["event"] == "finished");
     assert_eq!(lines.len(), 13);
     let whole_line = &lines[0];
     assert_eq!(
@@ -552,4 +556,193 @@ fn an_empty_keys_file_still_requires_a_key_and_sighup_never_kills() {
     hup(&plain);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(plain.post("/v1/chat/completions", &chat("Hi", 2)).0, 200);
+}
+
+/// The default model's pinned sha256, from models/manifest.toml.
+fn default_model_sha256() -> String {
+    let manifest = std::fs::read_to_string(common::root().join("models/manifest.toml")).unwrap();
+    let entry = manifest
+        .split("[[model]]")
+        .find(|e| e.contains("file = \"SmolLM2-135M-Instruct.Q4_1.gguf\""))
+        .unwrap();
+    let line = entry
+        .lines()
+        .find(|l| l.starts_with("sha256"))
+        .unwrap()
+        .to_owned();
+    line.split('"').nth(1).unwrap().to_owned()
+}
+
+#[test]
+fn keyed_signed_audit_log_names_the_model_and_finds_a_cut_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let chain = dir.path().join("chain.key");
+    let out = hearth(&[
+        "audit",
+        "keygen",
+        "--out",
+        dir.path().join("audit").to_str().unwrap(),
+        "--chain-key",
+        chain.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (private, public) = (dir.path().join("audit.key"), dir.path().join("audit.pub"));
+    let serve_args = [
+        "--audit-log",
+        log.to_str().unwrap(),
+        "--audit-key-file",
+        chain.to_str().unwrap(),
+        "--audit-signing-key",
+        private.to_str().unwrap(),
+        "--audit-checkpoint-every",
+        "3",
+    ];
+    let mut server = Server::start(&serve_args);
+    let mut body = chat("Say hi.", 4);
+    body["user"] = json!("user-42");
+    assert_eq!(server.post("/v1/chat/completions", &body).0, 200);
+    let mut body = chat("Say hi.", 4);
+    body["model"] = json!("gpt-4o");
+    let (status, err) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 404, "{err}");
+    let (status, _) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 3, "user": "u2"}),
+    );
+    assert_eq!(status, 200);
+    sigterm(&mut server);
+
+    let lines = audit_lines(&log);
+    let finished: Vec<&Value> = lines.iter().filter(|l| l["event"] == "finished").collect();
+    assert_eq!(finished.len(), 3);
+    let sha = default_model_sha256();
+    for l in &finished {
+        assert_eq!(l["model_file"], "SmolLM2-135M-Instruct.Q4_1.gguf", "{l}");
+        assert_eq!(l["model_sha256"], sha.as_str(), "{l}");
+        // Its `started` line carries the same id.
+        assert!(lines
+            .iter()
+            .any(|s| s["event"] == "started" && s["id"] == l["id"]));
+    }
+    assert_eq!(finished[0]["user"], "user-42");
+    assert_eq!(finished[1]["status"], 404);
+    assert_eq!(finished[1]["error"], "model_not_found");
+    assert_eq!(finished[1]["requested_model"], "gpt-4o");
+    assert_eq!(finished[2]["user"], "u2");
+    assert!(lines.iter().all(|l| l["chain"] == "hmac-sha256"));
+    // Sealed at shutdown: the last line is a checkpoint, also kept in the sidecar.
+    assert_eq!(lines.last().unwrap()["event"], "checkpoint");
+    let sidecar = dir.path().join("audit.log.checkpoint");
+    assert!(sidecar.is_file());
+
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["audit", "verify", log.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        hearth(&args)
+    };
+    let full = [
+        "--key-file",
+        chain.to_str().unwrap(),
+        "--public-key",
+        public.to_str().unwrap(),
+    ];
+    let out = verify(&full);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with(&format!("ok: {} lines", lines.len())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("keyed: hmac-sha256 from seq 0"), "{stdout}");
+    assert!(stdout.contains("signatures checked"), "{stdout}");
+    assert!(stdout.contains("audit.log.checkpoint"), "{stdout}");
+    assert!(!stdout.contains("never finished"), "{stdout}");
+    // Without the chain key it cannot pass.
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--key-file"));
+
+    // The last two lines cut: the sidecar's checkpoint is missing.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kept: String = text
+        .lines()
+        .take(lines.len() - 2)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, &kept).unwrap();
+    let out = verify(&full);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("log truncated"), "{err}");
+
+    // Whole again; a server killed mid-request leaves a `started` line that verify
+    // lists.
+    std::fs::write(&log, &text).unwrap();
+    let mut server = Server::start(&serve_args);
+    let mut events = server.long_stream("Tell me a long story.", 400);
+    for _ in 0..3 {
+        events.next_data().unwrap();
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let out = verify(&full);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("1 request(s) started and never finished"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("/v1/chat/completions"), "{stdout}");
+}
+
+#[test]
+fn api_keys_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "# the team's keys\n\nsk-one\n  sk-two  \n").unwrap();
+    let server = Server::start(&["--api-key-file", keys.to_str().unwrap()]);
+    assert_eq!(chat_as(&server, "sk-two", 2).0, 200);
+    assert_eq!(chat_as(&server, "sk-one", 2).0, 200);
+    assert_eq!(chat_as(&server, "sk-three", 2).0, 401);
+    let r = server.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat("Hi", 2).to_string()),
+        None,
+    );
+    assert_eq!(r.status, 401);
+    drop(server);
+
+    // A bad line is named; a key on the command line draws a warning.
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "sk-ok\nsk two\n").unwrap();
+    let out = hearth(&[
+        "serve",
+        "--port",
+        "0",
+        "--api-key",
+        "sk-visible",
+        "--api-key-file",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.txt:2:"), "{err}");
+    assert!(
+        err.contains("warning: --api-key") && err.contains("--api-key-file"),
+        "{err}"
+    );
 }

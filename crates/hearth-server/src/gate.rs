@@ -17,11 +17,18 @@ use serde_json::{json, Map, Value};
 use crate::audit::AuditLog;
 use crate::error::{ApiError, ErrorCode};
 use crate::keys::{Identity, Limiter, Lookup, Permit};
-use crate::AppState;
+use crate::{AppState, ModelFile};
+
+/// Longest text taken from a request body into its audit record (`model`, `user`).
+const MAX_ECHO: usize = 256;
 
 /// One request's identity and what it came to, shared by the gate and the handler.
 pub struct RequestCtx {
     pub identity: Option<Arc<Identity>>,
+    /// Pairs the request's `started` and `finished` audit lines.
+    id: String,
+    /// The model file that serves it (none while loading).
+    model_file: Option<Arc<ModelFile>>,
     permit: Mutex<Option<Permit>>,
     client: Option<SocketAddr>,
     method: Method,
@@ -45,6 +52,18 @@ struct Fill {
     finishes: Vec<Option<&'static str>>,
     prompt: Option<Value>,
     completions: Vec<String>,
+    /// The body's `model` and `user`, as sent (cut short).
+    requested_model: Option<String>,
+    user: Option<String>,
+}
+
+/// At most `MAX_ECHO` bytes of `s`, cut at a character boundary.
+fn echo(s: &str) -> String {
+    let mut end = s.len().min(MAX_ECHO);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 impl RequestCtx {
@@ -55,6 +74,14 @@ impl RequestCtx {
 
     fn fill(&self) -> std::sync::MutexGuard<'_, Fill> {
         self.fill.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes the body's `model` and OpenAI `user` fields for the audit record.
+    pub fn requested(&self, body: &Value) {
+        let field = |k: &str| body.get(k).and_then(Value::as_str).map(echo);
+        let mut f = self.fill();
+        f.requested_model = field("model");
+        f.user = field("user");
     }
 
     /// The request was accepted for generation: its model, shape and prompt.
@@ -113,13 +140,11 @@ impl RequestCtx {
         self.path.starts_with("/v1/") || matches!(status, 401 | 403 | 408 | 413 | 429)
     }
 
-    fn record(&self, f: &Fill) -> Map<String, Value> {
-        let finishes: Vec<&str> = f
-            .finishes
-            .iter()
-            .map(|x| x.unwrap_or("cancelled"))
-            .collect();
+    /// What both of the request's lines say: who, from where, what.
+    fn header(&self, event: &str) -> Map<String, Value> {
         let mut r = Map::new();
+        r.insert("event".into(), event.into());
+        r.insert("id".into(), self.id.clone().into());
         r.insert(
             "time".into(),
             hearth_models::clock::rfc3339_millis(self.time).into(),
@@ -131,7 +156,29 @@ impl RequestCtx {
         r.insert("client".into(), self.client.map(|c| c.to_string()).into());
         r.insert("method".into(), self.method.as_str().into());
         r.insert("endpoint".into(), self.path.clone().into());
+        r
+    }
+
+    fn record(&self, f: &Fill) -> Map<String, Value> {
+        let finishes: Vec<&str> = f
+            .finishes
+            .iter()
+            .map(|x| x.unwrap_or("cancelled"))
+            .collect();
+        let mut r = self.header("finished");
         r.insert("model".into(), f.model.clone().into());
+        let file = self.model_file.as_deref();
+        r.insert("model_file".into(), file.map(|m| m.name.clone()).into());
+        r.insert(
+            "model_sha256".into(),
+            file.and_then(|m| m.sha256.clone()).into(),
+        );
+        if let Some(m) = &f.requested_model {
+            r.insert("requested_model".into(), m.clone().into());
+        }
+        if let Some(u) = &f.user {
+            r.insert("user".into(), u.clone().into());
+        }
         // No response was made: the client went away while the request was handled
         // (499, as nginx says it).
         let (status, error) = match f.status {
@@ -173,6 +220,13 @@ impl Drop for RequestCtx {
     }
 }
 
+/// A random id for the request's audit lines.
+fn request_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    format!("req-{}", hearth_models::pin::hex(&b))
+}
+
 /// Whether `path` is a generation endpoint (limits apply to these).
 fn generates(path: &str) -> bool {
     matches!(
@@ -205,6 +259,8 @@ pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) 
         .map(|c| c.0);
     let mut ctx = RequestCtx {
         identity: None,
+        id: request_id(),
+        model_file: state.model_file.get().cloned(),
         permit: Mutex::new(None),
         client,
         method: req.method().clone(),
@@ -218,6 +274,10 @@ pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     let response = match admit(&state, &mut ctx, &req) {
         Err(e) => e.into_response(),
         Ok(()) => {
+            // Admitted: a line now, so a request the process dies under is not lost.
+            if let Some(audit) = ctx.audit.as_ref().filter(|_| ctx.audited(0)) {
+                audit.record(ctx.header("started"));
+            }
             let ctx = Arc::new(ctx);
             match read_body(&state, req).await {
                 Err(e) => {

@@ -98,6 +98,15 @@ pub struct Engine {
     pub scheduler: SchedulerHandle,
 }
 
+/// The model file that serves requests, as audit records name it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelFile {
+    /// The file's (or model folder's) name.
+    pub name: String,
+    /// Its SHA-256, computed at load (for a folder: of its `manifest.toml` pins).
+    pub sha256: Option<String>,
+}
+
 /// How the listener is set up.
 pub struct ServerConfig {
     pub addr: SocketAddr,
@@ -159,6 +168,8 @@ pub struct AppState {
     /// Set instead of `engine` when the model is a sentence-embedding encoder.
     embedder: OnceLock<hearth_engine::EmbedHandle>,
     served_model: String,
+    /// The file behind `served_model`, set at load.
+    model_file: OnceLock<Arc<ModelFile>>,
     keys: RwLock<Arc<KeyStore>>,
     plain_keys: Vec<String>,
     keys_file: Option<PathBuf>,
@@ -179,6 +190,7 @@ impl AppState {
             engine: OnceLock::new(),
             embedder: OnceLock::new(),
             served_model,
+            model_file: OnceLock::new(),
             keys: RwLock::new(Arc::new(store)),
             plain_keys: policy.plain_keys,
             keys_file: policy.keys_file,
@@ -214,6 +226,12 @@ impl AppState {
         let n = store.key_count();
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store);
         Ok(n)
+    }
+
+    /// Names the model file (and its hash) in every later audit record; set before the
+    /// engine or embedder.
+    pub fn set_model_file(&self, file: ModelFile) {
+        let _ = self.model_file.set(Arc::new(file));
     }
 
     /// Makes the engine available; `/ready` turns 200.

@@ -239,6 +239,9 @@ struct Origin {
 impl Origin {
     fn new(ctx: Ctx, body: &Value, prompt_field: &str) -> Self {
         let ctx = ctx.map(|Extension(c)| c);
+        if let Some(c) = &ctx {
+            c.requested(body);
+        }
         let prompt = ctx
             .as_ref()
             .filter(|c| c.wants_content())
