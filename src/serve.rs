@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Connections served at once; 16 more serve /health, /ready and /metrics only, and
+    /// any beyond are closed at once (default: the open-file limit, raised to its hard
+    /// limit at start, less 80; at most 65536).
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// A keys file (TOML, managed with `hearth keys`): named keys stored as hashes, with
     /// the models each may use and its limits. Reread on SIGHUP.
     #[arg(long, env = "HEARTH_API_KEYS_FILE")]
@@ -294,11 +299,28 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
         limits,
     };
     let state = AppState::new(served.clone(), policy).map_err(anyhow::Error::msg)?;
+    if args.max_connections == Some(0) {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
+    let fd_limit = hearth_server::raise_fd_limit();
+    let max_connections = args
+        .max_connections
+        .unwrap_or_else(|| hearth_server::default_max_connections(fd_limit));
+    if !hearth_server::connections_fit(max_connections, fd_limit) {
+        tracing::warn!(
+            max_connections,
+            fd_limit,
+            "--max-connections and its reserve of {} leave little room under the open-file limit: accepting may fail (raise `ulimit -n`)",
+            hearth_server::RESERVE_CONNECTIONS
+        );
+    }
+    tracing::info!(max_connections, "connection limit");
     let config = ServerConfig {
         addr: SocketAddr::new(args.host, args.port),
         shutdown_grace: Duration::from_secs(args.shutdown_timeout),
         tls,
         header_timeout: secs("header-timeout", args.header_timeout)?,
+        max_connections,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

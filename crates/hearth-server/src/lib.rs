@@ -33,7 +33,9 @@ pub use audit::{AuditConfig, AuditLog, Fsync};
 pub use error::ApiError;
 pub use gate::RequestCtx;
 pub use keys::{KeyStore, KeysFile};
-pub use listen::tls_acceptor;
+pub use listen::{
+    connections_fit, default_max_connections, raise_fd_limit, tls_acceptor, RESERVE_CONNECTIONS,
+};
 pub use metrics::proc_bytes;
 pub use tokio_rustls::TlsAcceptor;
 
@@ -117,6 +119,9 @@ pub struct ServerConfig {
     /// A connection must deliver a request's headers (and its TLS handshake) within this
     /// long, also after idling between requests.
     pub header_timeout: Duration,
+    /// Connections served in full; [`RESERVE_CONNECTIONS`] more are served for
+    /// `/health`, `/ready` and `/metrics` only, and any beyond are closed at once.
+    pub max_connections: usize,
 }
 
 /// Bounds on what one request may ask.
@@ -178,6 +183,9 @@ pub struct AppState {
     limits: RequestLimits,
     metrics: metrics::Metrics,
     draining: AtomicBool,
+    /// Turns true when the shutdown grace period is over: streams still running end
+    /// (a final chunk, an error event, `[DONE]`), whole replies not yet sent are 503.
+    deadline: tokio::sync::watch::Sender<bool>,
     created: u64,
 }
 
@@ -199,6 +207,7 @@ impl AppState {
             limits: policy.limits,
             metrics: metrics::Metrics::default(),
             draining: AtomicBool::new(false),
+            deadline: tokio::sync::watch::channel(false).0,
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -242,6 +251,14 @@ impl AppState {
     /// Makes an embedding model available (`/v1/embeddings`); `/ready` turns 200.
     pub fn set_embedder(&self, embedder: hearth_engine::EmbedHandle) {
         let _ = self.embedder.set(embedder);
+    }
+
+    /// Resolves once the shutdown grace period is over.
+    async fn past_deadline(&self) {
+        let mut rx = self.deadline.subscribe();
+        if rx.wait_for(|&over| over).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Writes out the audit records still queued and stops the audit writer.
@@ -364,9 +381,14 @@ fn reload_on_hangup(state: Arc<AppState>) {
     let _ = state;
 }
 
-/// Serves until SIGINT/SIGTERM: then stops accepting, lets in-flight requests finish
-/// within `shutdown_grace`, and returns. `on_bound` gets the bound address (port 0 picks
-/// a free one).
+/// How long, after the grace period, the requests cut at its end have to send their last
+/// events (a stream's final chunk, error event and `[DONE]`; a whole reply's 503).
+const CUT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Serves until SIGINT/SIGTERM: then lets in-flight requests finish within
+/// `shutdown_grace` (new connections meanwhile get 503), cuts those still running (they see
+/// `AppState::past_deadline`), waits up to [`CUT_FLUSH`] for them to say so, and
+/// returns. `on_bound` gets the bound address (port 0 picks a free one).
 pub async fn serve(
     config: ServerConfig,
     state: Arc<AppState>,
@@ -379,30 +401,33 @@ pub async fn serve(
     let app = router(state.clone());
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
     let drain_state = state.clone();
-    let server = listen::accept_loop(
-        listener,
-        config.tls,
-        app,
-        config.header_timeout,
-        state.metrics.connections.clone(),
-        async move {
-            shutdown_signal().await;
-            drain_state.draining.store(true, Relaxed);
-            tracing::info!("shutting down: no new requests, finishing in-flight ones");
-            let _ = signalled_tx.send(true);
-        },
-    );
+    let listen = listen::Listen {
+        tls: config.tls,
+        header_timeout: config.header_timeout,
+        max_connections: config.max_connections,
+        counts: state.metrics.connections.clone(),
+    };
+    let server = listen::accept_loop(listener, listen, app, async move {
+        shutdown_signal().await;
+        drain_state.draining.store(true, Relaxed);
+        tracing::info!("shutting down: new requests get 503, finishing in-flight ones");
+        let _ = signalled_tx.send(true);
+    });
     let grace = config.shutdown_grace;
     let deadline = async move {
         let mut rx = signalled_rx;
         let _ = rx.wait_for(|&s| s).await;
         tokio::time::sleep(grace).await;
     };
+    tokio::pin!(server);
     tokio::select! {
-        () = server => {},
-        _ = deadline => {
-            tracing::warn!("shutdown grace period over; cancelling in-flight requests");
-        }
+        () = &mut server => return Ok(()),
+        _ = deadline => {}
+    }
+    tracing::warn!("shutdown grace period over; cutting in-flight requests");
+    state.deadline.send_replace(true);
+    if tokio::time::timeout(CUT_FLUSH, &mut server).await.is_err() {
+        tracing::warn!("connections still open {CUT_FLUSH:?} after the deadline are dropped");
     }
     Ok(())
 }

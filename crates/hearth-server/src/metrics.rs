@@ -67,8 +67,8 @@ pub struct Metrics {
     pub duration: Histogram,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
-    /// Client connections open now (the accept loop counts them).
-    pub connections: std::sync::Arc<AtomicU64>,
+    /// Client connections open and refused (the accept loop counts them).
+    pub connections: crate::listen::ConnectionCounts,
 }
 
 impl Default for Metrics {
@@ -80,7 +80,7 @@ impl Default for Metrics {
             duration: Histogram::new(DURATION),
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
-            connections: std::sync::Arc::default(),
+            connections: crate::listen::ConnectionCounts::default(),
         }
     }
 }
@@ -266,7 +266,21 @@ impl Metrics {
             "hearth_open_connections",
             "Client connections open now.",
             "gauge",
-            self.connections.load(Relaxed).to_string(),
+            self.connections.open.load(Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "hearth_connections_refused_total",
+            "Connections closed as soon as accepted: over --max-connections and its reserve, or out of file descriptors.",
+            "counter",
+            self.connections.refused.load(Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "hearth_connections_reserve_refused_total",
+            "Requests answered 503 on a connection in the reserve above --max-connections (paths other than /health, /ready, /metrics).",
+            "counter",
+            self.connections.reserve_refused.load(Relaxed).to_string(),
         );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             gauge(

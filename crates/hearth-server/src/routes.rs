@@ -31,6 +31,14 @@ const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
 /// Choices one request may ask for, all prompts together.
 const MAX_CHOICES: usize = 128;
 
+/// The `finish_reason` of a streamed choice cut at the end of the shutdown grace period
+/// (an error event follows it, then `[DONE]`): one that every OpenAI client knows, and
+/// true in kind: the output stopped at a limit, not at its end.
+const CUT_FINISH: &str = "length";
+
+/// Said to requests cut at the end of the shutdown grace period.
+const SHUTTING_DOWN: &str = "The server is shutting down.";
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -536,7 +544,11 @@ async fn run(
     if gen.stream {
         Ok(stream_response(job, receivers, echoes, prompt_tokens))
     } else {
-        whole_response(job, receivers, echoes, prompt_tokens).await
+        // Cut at the shutdown deadline: dropping the reply cancels its sequences.
+        tokio::select! {
+            r = whole_response(job, receivers, echoes, prompt_tokens) => r,
+            () = state.past_deadline() => Err(ApiError::unavailable(SHUTTING_DOWN)),
+        }
     }
 }
 
@@ -935,9 +947,19 @@ impl Job {
     }
 }
 
+/// How a streamed choice ended (its task returns `None` when the client left or the
+/// choice failed).
+enum Ended {
+    /// At its end, with this many tokens generated.
+    Finished(usize),
+    /// At the shutdown deadline: its final chunk went out with [`CUT_FINISH`].
+    Cut,
+}
+
 /// Streams every choice as it is generated. The response starts at once; a client that
 /// goes away drops the body, which closes the channel, which ends each choice's task and
-/// so cancels its sequence in the engine.
+/// so cancels its sequence in the engine. A choice still running at the shutdown
+/// deadline ends with a final chunk, and the stream with one error event and `[DONE]`.
 fn stream_response(
     job: Arc<Job>,
     receivers: Vec<UnboundedReceiver<Event>>,
@@ -982,6 +1004,10 @@ fn stream_response(
             let result = tokio::select! {
                 r = drive => r,
                 _ = tx.closed() => return None,
+                () = job.state.past_deadline() => {
+                    tx.send(sse(&job.finish_chunk(index, CUT_FINISH))).ok()?;
+                    return Some(Ended::Cut);
+                }
             };
             match result {
                 Ok((mut finish, completion_tokens)) => {
@@ -997,7 +1023,7 @@ fn stream_response(
                         c.finish(index, finish);
                     }
                     tx.send(sse(&job.finish_chunk(index, finish))).ok()?;
-                    Some(completion_tokens)
+                    Some(Ended::Finished(completion_tokens))
                 }
                 Err(e) => {
                     let _ = tx.send(sse(&e.body()));
@@ -1010,9 +1036,11 @@ fn stream_response(
     tokio::spawn(async move {
         let mut completion_tokens = 0;
         let mut complete = true;
+        let mut cut = false;
         for t in tasks {
             match t.await {
-                Ok(Some(n)) => completion_tokens += n,
+                Ok(Some(Ended::Finished(n))) => completion_tokens += n,
+                Ok(Some(Ended::Cut)) => cut = true,
                 _ => complete = false,
             }
         }
@@ -1020,7 +1048,9 @@ fn stream_response(
         if !complete {
             return; // the client left or a choice failed (its error was sent)
         }
-        if job.include_usage {
+        if cut {
+            let _ = tx.send(sse(&ApiError::unavailable(SHUTTING_DOWN).body()));
+        } else if job.include_usage {
             let mut v = job.chunk(Value::Null);
             v["choices"] = json!([]);
             v["usage"] = usage(prompt_tokens, completion_tokens);
