@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// Sequences in the running batch at most.
     #[arg(long, default_value_t = 32)]
     max_running: usize,
+    /// Sequences (choices, queued or running) one API key may have at once, or without
+    /// keys one client address; more get 429 (default: --max-running or a quarter of
+    /// --max-queue, whichever is more).
+    #[arg(long)]
+    max_sequences_per_key: Option<usize>,
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -200,8 +205,8 @@ fn kv_blocks(args: &ServeArgs, model: &LoadedModel) -> anyhow::Result<usize> {
 pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
     let path = hearth_models::locate::resolve_model(args.model.model.as_deref())?;
     let device = hearth_engine::parse_device(&args.model.device)?;
-    if args.max_running == 0 || args.max_queue == 0 {
-        anyhow::bail!("--max-running and --max-queue must be at least 1");
+    if args.max_running == 0 || args.max_queue == 0 || args.max_sequences_per_key == Some(0) {
+        anyhow::bail!("--max-running, --max-queue and --max-sequences-per-key must be at least 1");
     }
     let served = args.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem()
@@ -372,6 +377,7 @@ pub fn serve(args: ServeArgs, pool: rayon::ThreadPool) -> anyhow::Result<()> {
                 let sched = SchedulerConfig {
                     max_running: args.max_running,
                     max_queue: args.max_queue,
+                    max_per_owner: args.max_sequences_per_key,
                     kv_blocks: Some(kv_blocks(&args, &model)?),
                     ..SchedulerConfig::default()
                 };

@@ -213,11 +213,18 @@ fn keys_scopes_limits_reload_and_the_audit_chain() {
     assert_eq!(drain(&mut first).last().map(String::as_str), Some("[DONE]"));
     assert_eq!(chat_as(&server, &carol, 4).0, 200);
 
-    // Tokens per minute: one request spends dave's 40, the next waits.
+    // Tokens per minute: a request that could use more than dave's 40 is refused up
+    // front; one that fits holds its most, so the next waits for what it needs.
     let (status, v, _) = chat_as(&server, &dave, 32);
-    assert_eq!(status, 200);
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("max_tokens")),
+        "{v}"
+    );
+    let (status, v, _) = chat_as(&server, &dave, 4);
+    assert_eq!(status, 200, "{v}");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
     let spent = v["usage"]["total_tokens"].as_u64().unwrap();
-    assert!(spent > 40, "{v}");
     let (status, v, retry) = chat_as(&server, &dave, 4);
     assert_eq!(status, 429, "{v}");
     assert!(v["error"]["message"]
@@ -225,8 +232,8 @@ fn keys_scopes_limits_reload_and_the_audit_chain() {
         .unwrap()
         .contains("40 tokens per minute"));
     let retry: u64 = retry.unwrap().parse().unwrap();
-    // (spent − 40 + 1) tokens at 40 per minute.
-    let want = ((spent - 40 + 1) as f64 * 60.0 / 40.0).ceil() as u64;
+    // (prompt + 4) tokens needed, (40 − spent) free, at 40 per minute.
+    let want = ((prompt + 4 - (40 - spent)) as f64 * 60.0 / 40.0).ceil() as u64;
     assert!(retry.abs_diff(want) <= 2, "{retry} vs {want}");
 
     // SIGHUP: a key added to the file works after the reload; a revoked key stops

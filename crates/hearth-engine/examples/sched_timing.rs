@@ -30,6 +30,7 @@ fn main() {
         let t = Instant::now();
         let mut rx = handle
             .submit(Request {
+                owner: "bench".into(),
                 prompt: prompt.clone(),
                 params: SamplingParams::default(),
                 max_tokens: n,

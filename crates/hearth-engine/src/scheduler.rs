@@ -10,15 +10,23 @@
 //! recomputed later — instead of failing anyone. Requests wait in a bounded queue; when
 //! it is full, `submit` refuses (the server's 429).
 //!
+//! Fairness: every request names an owner (an opaque label; the server uses the API key,
+//! or the client's address). An owner may have at most `max_per_owner` sequences queued
+//! or running, so one owner cannot fill the queue; a freed running slot goes to the
+//! waiting owner with the fewest running sequences, so owners are served side by side
+//! rather than in arrival order; and when the batch is full while an owner waits with
+//! nothing running, the newest sequence of an owner above its fair share is preempted
+//! to make room.
+//!
 //! Prompts are cut into the same 512-token chunks as a lone [`LoadedModel::prefill`], and
 //! a chunk is never split across steps, so a request's tokens are the same whether it runs
 //! alone or among others (see `tests/scheduler.rs`). A preempted sequence is recomputed
 //! in chunks too; its later tokens may then differ in the last bits, as in vLLM.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -34,6 +42,9 @@ use crate::EngineError;
 /// What a client asks for.
 #[derive(Clone, Debug)]
 pub struct Request {
+    /// Who the request belongs to, for fair shares and the per-owner cap: an opaque
+    /// label (the engine gives it no meaning; requests with the same label share).
+    pub owner: Arc<str>,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub max_tokens: usize,
@@ -92,6 +103,25 @@ pub struct SchedulerConfig {
     pub prefill_budget: usize,
     /// Blocks in the KV pool; `None`: enough for `max_running` full-context sequences.
     pub kv_blocks: Option<usize>,
+    /// Sequences one owner may have queued or running at once; `None`:
+    /// [`SchedulerConfig::default_max_per_owner`].
+    pub max_per_owner: Option<usize>,
+}
+
+impl SchedulerConfig {
+    /// A whole running batch, or a quarter of the queue if that is more: one owner can
+    /// keep every slot busy when alone, yet takes at most a quarter of the queue, so at
+    /// least three others still find room (32 and 256 give 64).
+    pub fn default_max_per_owner(max_running: usize, max_queue: usize) -> usize {
+        max_running.max(max_queue / 4).max(1)
+    }
+
+    /// The per-owner cap in force.
+    pub fn owner_cap(&self) -> usize {
+        self.max_per_owner
+            .unwrap_or_else(|| Self::default_max_per_owner(self.max_running, self.max_queue))
+            .max(1)
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -101,6 +131,7 @@ impl Default for SchedulerConfig {
             max_queue: 256,
             prefill_budget: PREFILL_CHUNK,
             kv_blocks: None,
+            max_per_owner: None,
         }
     }
 }
@@ -110,6 +141,14 @@ impl Default for SchedulerConfig {
 pub enum SubmitError {
     #[error("the queue is full ({0} requests waiting)")]
     QueueFull(usize),
+    /// The owner would pass its cap of sequences queued or running (`asked` > `cap`:
+    /// never, whatever else runs).
+    #[error("the owner has {held} sequences queued or running; {asked} more would pass its cap of {cap}")]
+    OwnerFull {
+        cap: usize,
+        held: usize,
+        asked: usize,
+    },
     #[error("the scheduler has stopped")]
     Stopped,
     #[error("invalid request: {0}")]
@@ -140,7 +179,82 @@ pub struct SchedulerStats {
 
 struct Submission {
     request: Request,
+    slot: OwnerSlot,
     events: UnboundedSender<Event>,
+}
+
+/// Sequences each owner has queued or running (owners with none are not kept).
+#[derive(Debug, Default)]
+struct OwnerCounts(Mutex<HashMap<Arc<str>, usize>>);
+
+impl OwnerCounts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Places for `wanted` (owner, sequences) all at once under `cap`, or none.
+    fn take(
+        self: &Arc<Self>,
+        wanted: &[(Arc<str>, usize)],
+        cap: usize,
+    ) -> Result<Vec<OwnerSlot>, SubmitError> {
+        let mut counts = self.lock();
+        for (owner, k) in wanted {
+            let held = counts.get(owner).copied().unwrap_or(0);
+            if held + k > cap {
+                return Err(SubmitError::OwnerFull {
+                    cap,
+                    held,
+                    asked: *k,
+                });
+            }
+        }
+        let mut slots = Vec::new();
+        for (owner, k) in wanted {
+            *counts.entry(owner.clone()).or_insert(0) += k;
+            slots.extend((0..*k).map(|_| OwnerSlot {
+                counts: self.clone(),
+                owner: owner.clone(),
+                held: true,
+            }));
+        }
+        Ok(slots)
+    }
+
+    fn held(&self, owner: &str) -> usize {
+        self.lock().get(owner).copied().unwrap_or(0)
+    }
+}
+
+/// One sequence's place in its owner's count, from submission until the sequence ends:
+/// given back when its final event is sent, or when it is dropped, whichever comes
+/// first — so no path that drops a sequence can forget it.
+#[derive(Debug)]
+struct OwnerSlot {
+    counts: Arc<OwnerCounts>,
+    owner: Arc<str>,
+    held: bool,
+}
+
+impl OwnerSlot {
+    fn release(&mut self) {
+        if !std::mem::take(&mut self.held) {
+            return;
+        }
+        let mut counts = self.counts.lock();
+        if let Some(n) = counts.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.owner);
+            }
+        }
+    }
+}
+
+impl Drop for OwnerSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// The client side: submit requests, get a stream of events for each.
@@ -148,6 +262,8 @@ struct Submission {
 pub struct SchedulerHandle {
     tx: Sender<Submission>,
     max_queue: usize,
+    owner_cap: usize,
+    owners: Arc<OwnerCounts>,
     context: usize,
     kv_tokens: usize,
     stats: Arc<SchedulerStats>,
@@ -162,14 +278,20 @@ impl SchedulerHandle {
     }
 
     /// Queues several requests (the choices of one API call) together: all are checked
-    /// and given queue places at once, or none is.
+    /// and given queue places (and places under their owners' caps) at once, or none is.
     pub fn submit_all(
         &self,
         requests: Vec<Request>,
     ) -> Result<Vec<UnboundedReceiver<Event>>, SubmitError> {
+        let mut wanted: Vec<(Arc<str>, usize)> = Vec::new();
         for r in &requests {
             self.check(r)?;
+            match wanted.iter_mut().find(|(o, _)| *o == r.owner) {
+                Some((_, k)) => *k += 1,
+                None => wanted.push((r.owner.clone(), 1)),
+            }
         }
+        let mut slots = self.owners.take(&wanted, self.owner_cap)?;
         let k = requests.len();
         let reserved = self.stats.waiting.fetch_update(Relaxed, Relaxed, |w| {
             (w + k <= self.max_queue).then_some(w + k)
@@ -180,7 +302,20 @@ impl SchedulerHandle {
         let mut receivers = Vec::with_capacity(k);
         for (i, request) in requests.into_iter().enumerate() {
             let (events, rx) = unbounded_channel();
-            if self.tx.send(Submission { request, events }).is_err() {
+            let at = slots
+                .iter()
+                .position(|s| s.owner == request.owner)
+                .expect("a slot per request");
+            let slot = slots.swap_remove(at);
+            if self
+                .tx
+                .send(Submission {
+                    request,
+                    slot,
+                    events,
+                })
+                .is_err()
+            {
                 self.stats.waiting.fetch_sub(k - i, Relaxed);
                 return Err(SubmitError::Stopped);
             }
@@ -209,6 +344,16 @@ impl SchedulerHandle {
         request.params.validate().map_err(SubmitError::Invalid)
     }
 
+    /// Sequences one owner may have queued or running at once.
+    pub fn owner_cap(&self) -> usize {
+        self.owner_cap
+    }
+
+    /// Sequences `owner` has queued or running now.
+    pub fn owner_held(&self, owner: &str) -> usize {
+        self.owners.held(owner)
+    }
+
     /// Whether the scheduler thread is still running.
     pub fn is_running(&self) -> bool {
         !self.stats.stopped.load(Relaxed)
@@ -229,6 +374,8 @@ impl SchedulerHandle {
 }
 
 struct Sequence {
+    /// Its place in its owner's count (and the owner's label).
+    slot: OwnerSlot,
     tokens: Vec<u32>,
     prompt_len: usize,
     /// Tokens already in the cache.
@@ -257,12 +404,27 @@ impl Sequence {
         self.tokens.len() - self.done > 1
     }
 
-    fn finish(&self, reason: FinishReason) {
-        let _ = self.events.send(Event::Finished {
+    fn owner(&self) -> &str {
+        &self.slot.owner
+    }
+
+    /// Sends the final event. The owner's place is given back first, so a client that
+    /// saw its request end can submit again at once.
+    fn end(&mut self, event: Event) {
+        self.slot.release();
+        let _ = self.events.send(event);
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        self.end(Event::Finished {
             reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
         });
+    }
+
+    fn fail(&mut self, message: String) {
+        self.end(Event::Failed(message));
     }
 }
 
@@ -283,6 +445,8 @@ pub fn spawn(
     let handle = SchedulerHandle {
         tx,
         max_queue: config.max_queue,
+        owner_cap: config.owner_cap(),
+        owners: Arc::default(),
         context: model.context_length(),
         kv_tokens: cache.capacity_tokens(),
         stats: stats.clone(),
@@ -349,6 +513,7 @@ impl Scheduler<'_> {
             }
             self.drop_cancelled();
             while self.running.len() < self.config.max_running && self.admit_next() {}
+            self.rebalance();
             if !open && self.running.is_empty() && self.waiting.is_empty() {
                 return;
             }
@@ -371,7 +536,8 @@ impl Scheduler<'_> {
             .request
             .max_tokens
             .min(self.model.context_length() - prompt_len);
-        let seq = Sequence {
+        let mut seq = Sequence {
+            slot: s.slot,
             tokens: s.request.prompt,
             prompt_len,
             done: 0,
@@ -391,20 +557,45 @@ impl Scheduler<'_> {
         self.waiting.push_back(seq);
     }
 
-    /// Starts the next waiting sequence when the pool has blocks for its first chunk
-    /// and the tokens after it, leaving one block per running sequence for decoding.
+    /// Starts the next waiting sequence (see [`pick_next`]) when the pool has blocks for
+    /// its first chunk and the tokens after it, leaving one block per running sequence
+    /// for decoding.
     fn admit_next(&mut self) -> bool {
-        let Some(seq) = self.waiting.front() else {
+        let Some(at) = pick_next(
+            self.waiting.iter().map(Sequence::owner),
+            self.running.iter().map(Sequence::owner),
+        ) else {
             return false;
         };
+        let seq = &self.waiting[at];
         let needed = KvCache::blocks_for(seq.tokens.len() + 1) + self.running.len();
         if needed > self.cache.free_blocks() && !self.running.is_empty() {
             return false;
         }
-        let seq = self.waiting.pop_front().expect("checked above");
+        let seq = self.waiting.remove(at).expect("picked from the queue");
         self.stats.waiting.fetch_sub(1, Relaxed);
         self.running.push(seq);
         true
+    }
+
+    /// With the batch full, makes room for owners that wait with nothing running: an
+    /// owner above its fair share gives up its newest sequence, and the waiting owner
+    /// takes the slot. Each round serves one such owner, so it ends.
+    fn rebalance(&mut self) {
+        loop {
+            let running: Vec<&str> = self.running.iter().map(Sequence::owner).collect();
+            let Some(i) = victim(
+                &running,
+                self.waiting.iter().map(Sequence::owner),
+                self.config.max_running,
+            ) else {
+                return;
+            };
+            self.preempt(i);
+            if !self.admit_next() {
+                return;
+            }
+        }
     }
 
     /// Forgets sequences whose client went away, freeing their blocks.
@@ -428,7 +619,13 @@ impl Scheduler<'_> {
     /// Moves the newest running sequence back to the front of the queue, freeing its
     /// blocks; it will be recomputed from its tokens so far.
     fn preempt_newest(&mut self) {
-        let mut s = self.running.pop().expect("a running sequence to preempt");
+        self.preempt(self.running.len() - 1);
+    }
+
+    /// Moves running sequence `i` back to the front of the queue (ahead of its owner's
+    /// other waiting sequences), freeing its blocks.
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
         self.cache.release(&mut s.table);
         s.done = 0;
         self.stats.preemptions.fetch_add(1, Relaxed);
@@ -558,7 +755,7 @@ impl Scheduler<'_> {
                 for &(i, _) in chosen.iter().rev() {
                     let mut s = self.running.remove(i);
                     self.cache.release(&mut s.table);
-                    let _ = s.events.send(Event::Failed(msg.clone()));
+                    s.fail(msg.clone());
                 }
                 return;
             }
@@ -614,7 +811,7 @@ impl Scheduler<'_> {
                     }
                 }
                 if let Err(e) = masked {
-                    let _ = s.events.send(Event::GrammarFailed(e.0));
+                    s.end(Event::GrammarFailed(e.0));
                     finished.push(i);
                     continue;
                 }
@@ -631,12 +828,11 @@ impl Scheduler<'_> {
                 finished.push(i);
                 continue;
             }
-            if let Some(c) = &mut s.constraint {
-                if let Err(e) = c.commit(tok) {
-                    let _ = s.events.send(Event::GrammarFailed(e.0));
-                    finished.push(i);
-                    continue;
-                }
+            let committed = s.constraint.as_mut().map_or(Ok(()), |c| c.commit(tok));
+            if let Err(e) = committed {
+                s.end(Event::GrammarFailed(e.0));
+                finished.push(i);
+                continue;
             }
             s.tokens.push(tok);
             self.stats.generated_tokens.fetch_add(1, Relaxed);
@@ -746,6 +942,68 @@ impl Scheduler<'_> {
     }
 }
 
+/// Which waiting sequence starts next, given the owners of the waiting sequences (queue
+/// order) and of the running ones: the first waiting sequence of the owner with the
+/// fewest running (ties: the one that waited first). Within one owner this keeps queue
+/// order, preempted sequences (put back at the front) first.
+fn pick_next<'a>(
+    waiting: impl IntoIterator<Item = &'a str>,
+    running: impl IntoIterator<Item = &'a str>,
+) -> Option<usize> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for o in running {
+        *counts.entry(o).or_insert(0) += 1;
+    }
+    let mut best: Option<(usize, usize)> = None;
+    for (at, o) in waiting.into_iter().enumerate() {
+        let n = counts.get(o).copied().unwrap_or(0);
+        if best.is_none_or(|(m, _)| n < m) {
+            best = Some((n, at));
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    best.map(|(_, at)| at)
+}
+
+/// Which running sequence (by index, oldest first) to preempt so that an owner who waits
+/// with nothing running gets a slot: only when the batch is full (`max_running`), and
+/// only from the owner with the most running sequences when that is more than its fair
+/// share (`max_running` over the owners with work, at least 1) — its newest sequence.
+fn victim<'a>(
+    running: &[&'a str],
+    waiting: impl IntoIterator<Item = &'a str>,
+    max_running: usize,
+) -> Option<usize> {
+    if running.len() < max_running {
+        return None;
+    }
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for &o in running {
+        *counts.entry(o).or_insert(0) += 1;
+    }
+    let mut idle = false;
+    let mut owners = counts.len();
+    let mut seen = std::collections::HashSet::new();
+    for o in waiting {
+        if !counts.contains_key(o) && seen.insert(o) {
+            idle = true;
+            owners += 1;
+        }
+    }
+    if !idle {
+        return None;
+    }
+    let share = (max_running / owners).max(1);
+    // The biggest holder; among equals, the one whose newest sequence is newest.
+    let (at, _) = running
+        .iter()
+        .enumerate()
+        .max_by_key(|&(i, o)| (counts[o], i))?;
+    (counts[running[at]] > share).then_some(at)
+}
+
 /// The `n` largest entries of `lp` with their indices, largest first (lower index first
 /// among equals).
 fn top_n(lp: &[f32], n: usize) -> Vec<(u32, f32)> {
@@ -766,6 +1024,108 @@ fn top_n(lp: &[f32], n: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_free_slot_goes_to_the_owner_with_fewest_running() {
+        // FIFO among equals.
+        assert_eq!(pick_next(["a", "b"], []), Some(0));
+        assert_eq!(pick_next([], ["a"]), None);
+        // `a` runs two, `b` none: `b` goes first though it came later.
+        assert_eq!(pick_next(["a", "a", "b"], ["a", "a"]), Some(2));
+        // `a` 2, `b` 1, `c` 1: the earliest of `b` and `c`.
+        assert_eq!(
+            pick_next(["a", "c", "b", "c"], ["a", "b", "a", "c"]),
+            Some(1)
+        );
+        // One owner alone: plain queue order.
+        assert_eq!(pick_next(["a", "a"], ["a"; 5]), Some(0));
+    }
+
+    #[test]
+    fn interleaving_serves_owners_in_turn() {
+        // Owner `a` queued 6 before `b` queued 2; 4 slots fill a, b, a, b, then a.
+        let mut waiting = vec!["a", "a", "a", "a", "a", "a", "b", "b"];
+        let mut running = Vec::new();
+        while running.len() < 5 {
+            let at = pick_next(waiting.iter().copied(), running.iter().copied()).unwrap();
+            running.push(waiting.remove(at));
+        }
+        assert_eq!(running, ["a", "b", "a", "b", "a"]);
+    }
+
+    #[test]
+    fn an_idle_owner_preempts_the_biggest_holder_above_its_share() {
+        // Batch not full: nothing to preempt, a slot is free.
+        assert_eq!(victim(&["a", "a"], ["b"], 4), None);
+        // Full, `b` waits with nothing running: `a`'s newest goes.
+        assert_eq!(victim(&["a", "a", "a", "a"], ["a", "b"], 4), Some(3));
+        assert_eq!(victim(&["a", "c", "a", "a"], ["b"], 4), Some(3));
+        assert_eq!(victim(&["a", "a", "a", "c"], ["b"], 4), Some(2));
+        // Nobody waits with nothing running: no preemption (`b` has one).
+        assert_eq!(victim(&["a", "a", "a", "b"], ["b", "b"], 4), None);
+        assert_eq!(victim(&["a", "a", "a", "a"], ["a"], 4), None);
+        // Five owners with work for 4 slots (share 1): nobody is above it.
+        assert_eq!(victim(&["a", "b", "c", "d"], ["e"], 4), None);
+        // Three owners (share 1); `a` holds 3 of 4.
+        assert_eq!(victim(&["b", "a", "a", "a"], ["c"], 4), Some(3));
+        // Equal holders: the one whose newest sequence is newest gives it up.
+        assert_eq!(victim(&["a", "b", "b", "a"], ["c"], 4), Some(3));
+        // Repeated preemption ends: after each, the idle owner runs one.
+        let mut running = vec!["a"; 8];
+        let waiting = ["b", "c", "d"];
+        let mut rounds = 0;
+        while let Some(i) = victim(&running, waiting.iter().copied(), 8) {
+            running.remove(i);
+            let mut w: Vec<&str> = waiting.to_vec();
+            w.retain(|o| !running.contains(o));
+            running.push(w[0]);
+            rounds += 1;
+            assert!(rounds <= 3);
+        }
+        assert_eq!(rounds, 3);
+        assert_eq!(running.iter().filter(|&&o| o == "a").count(), 5);
+    }
+
+    #[test]
+    fn owner_slots_cap_and_come_back_when_dropped() {
+        let counts = Arc::new(OwnerCounts::default());
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        let two = counts.take(&[(a.clone(), 2)], 3).unwrap();
+        assert_eq!(counts.held("a"), 2);
+        assert_eq!(
+            counts.take(&[(a.clone(), 2)], 3).unwrap_err(),
+            SubmitError::OwnerFull {
+                cap: 3,
+                held: 2,
+                asked: 2
+            }
+        );
+        // All or nothing across owners: `b` fits, `a` does not, neither is counted.
+        assert!(counts.take(&[(b.clone(), 1), (a.clone(), 2)], 3).is_err());
+        assert_eq!(counts.held("b"), 0);
+        let mut one = counts.take(&[(b.clone(), 1)], 3).unwrap();
+        // Released once, whether by `release` or by drop.
+        one[0].release();
+        one[0].release();
+        assert_eq!(counts.held("b"), 0);
+        drop(one);
+        assert_eq!(counts.held("b"), 0);
+        drop(two);
+        assert_eq!(counts.held("a"), 0);
+        assert!(counts.lock().is_empty(), "owners with none are not kept");
+    }
+
+    #[test]
+    fn the_default_cap_is_a_batch_or_a_quarter_of_the_queue() {
+        assert_eq!(SchedulerConfig::default().owner_cap(), 64);
+        assert_eq!(SchedulerConfig::default_max_per_owner(32, 16), 32);
+        let c = SchedulerConfig {
+            max_per_owner: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(c.owner_cap(), 5);
+    }
 
     #[test]
     fn top_n_is_sorted_and_stable() {

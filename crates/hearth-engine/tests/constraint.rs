@@ -24,6 +24,7 @@ fn chat_prompt(model: &LoadedModel, user: &str) -> Vec<u32> {
 
 fn request(model: &LoadedModel, user: &str, grammar: Option<&Grammar>, max: usize) -> Request {
     Request {
+        owner: "test".into(),
         prompt: chat_prompt(model, user),
         params: SamplingParams {
             temperature: 0.7,

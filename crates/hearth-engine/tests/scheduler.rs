@@ -66,6 +66,7 @@ fn concurrent_requests_get_their_solo_tokens() {
         .map(|p| {
             handle
                 .submit(Request {
+                    owner: "test".into(),
                     prompt: p.clone(),
                     params: greedy.clone(),
                     max_tokens,
@@ -115,6 +116,7 @@ fn cancellation_and_backpressure() {
     let (handle, _thread) = spawn(model.clone(), config, pool()).unwrap();
     let stats = handle.stats().clone();
     let req = |n| Request {
+        owner: "test".into(),
         prompt: prompt.clone(),
         params: SamplingParams::default(),
         max_tokens: n,
@@ -157,6 +159,7 @@ fn cancellation_and_backpressure() {
 
     // Bad requests are refused up front.
     let empty = Request {
+        owner: "test".into(),
         prompt: vec![],
         params: SamplingParams::default(),
         max_tokens: 1,
@@ -190,6 +193,7 @@ fn a_small_pool_preempts_instead_of_failing() {
         .map(|p| {
             handle
                 .submit(Request {
+                    owner: "test".into(),
                     prompt: p.clone(),
                     params: SamplingParams::default(),
                     max_tokens,
@@ -228,6 +232,7 @@ fn a_small_pool_preempts_instead_of_failing() {
     let long = vec![prompts[0][1]; 200];
     let err = handle
         .submit(Request {
+            owner: "test".into(),
             prompt: long,
             params: SamplingParams::default(),
             max_tokens: 1,
@@ -249,6 +254,7 @@ fn logprobs_describe_the_sampled_token() {
     let prompt = model.info.tokenizer.encode("The sky is", true).unwrap();
     let mut rx = handle
         .submit(Request {
+            owner: "test".into(),
             prompt: prompt.clone(),
             params: SamplingParams::default(),
             max_tokens: 5,

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 use crate::audit::AuditLog;
 use crate::error::{ApiError, ErrorCode};
-use crate::keys::{Identity, Limiter, Lookup, Permit};
+use crate::keys::{Identity, Limiter, Lookup, Permit, Reservation};
 use crate::{AppState, ModelFile};
 
 /// Longest text taken from a request body into its audit record (`model`, `user`).
@@ -48,6 +48,8 @@ struct Fill {
     stream: bool,
     prompt_tokens: u64,
     completion_tokens: u64,
+    /// Tokens held of the key's budget since the request was accepted.
+    reserved: u64,
     /// One per choice; `None` until it finishes (a choice left unfinished was cancelled).
     finishes: Vec<Option<&'static str>>,
     prompt: Option<Value>,
@@ -82,6 +84,40 @@ impl RequestCtx {
         let mut f = self.fill();
         f.requested_model = field("model");
         f.user = field("user");
+    }
+
+    /// Whose the request is, for the scheduler's fair shares and per-owner cap: its key's
+    /// name, or without keys the client's address; requests with neither share one.
+    pub fn owner(&self) -> Arc<str> {
+        match (&self.identity, self.client) {
+            (Some(i), _) => format!("key:{}", i.name).into(),
+            (None, Some(c)) => format!("ip:{}", c.ip()).into(),
+            (None, None) => "".into(),
+        }
+    }
+
+    /// The key's tokens per minute, if it has that limit.
+    pub fn tokens_per_minute(&self) -> Option<u64> {
+        self.identity.as_ref()?.limits.tokens_per_minute
+    }
+
+    /// Holds `tokens` (the most the request can use) of its key's token budget until the
+    /// request ends, when what it did not use is given back. Refused with 429 when the
+    /// budget has not that much free now, 400 (`param`) when it never could.
+    pub fn reserve(&self, tokens: u64, param: &'static str) -> Result<(), ApiError> {
+        let Some(who) = &self.identity else {
+            return Ok(());
+        };
+        match self.limiter.reserve(who, tokens, Instant::now()) {
+            Ok(held) => {
+                self.fill().reserved += held;
+                Ok(())
+            }
+            Err(Reservation::TooLarge { message }) => Err(ApiError::invalid(Some(param), message)),
+            Err(Reservation::Later(r)) => {
+                Err(ApiError::rate_limited(r.message, r.retry_after_secs))
+            }
+        }
     }
 
     /// The request was accepted for generation: its model, shape and prompt.
@@ -207,8 +243,8 @@ impl Drop for RequestCtx {
     fn drop(&mut self) {
         let f = std::mem::take(&mut *self.fill());
         if let Some(who) = &self.identity {
-            self.limiter
-                .charge(who, f.prompt_tokens + f.completion_tokens, Instant::now());
+            let used = f.prompt_tokens + f.completion_tokens;
+            self.limiter.settle(who, f.reserved, used, Instant::now());
         }
         // Its concurrency place is free once it is over.
         self.permit.lock().unwrap_or_else(|e| e.into_inner()).take();

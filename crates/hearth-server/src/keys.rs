@@ -349,6 +349,11 @@ impl KeyStore {
 
 /// Per-key request and token budgets (token buckets refilled continuously, each holding
 /// at most one minute's worth) and in-flight counts, kept by key name.
+///
+/// A generation request holds the most tokens it can use (prompt + `max_tokens` for each
+/// choice) from the time it is accepted ([`Limiter::reserve`]) and gives back what it did
+/// not use when it ends ([`Limiter::settle`]), so requests running side by side cannot
+/// together spend more than the key's budget.
 #[derive(Debug, Default)]
 pub struct Limiter {
     state: Mutex<HashMap<String, Budget>>,
@@ -358,6 +363,8 @@ pub struct Limiter {
 struct Budget {
     requests: f64,
     tokens: f64,
+    /// Tokens held by requests in flight (not yet spent, not free either).
+    reserved: u64,
     at: Instant,
     in_flight: u32,
 }
@@ -367,6 +374,15 @@ struct Budget {
 pub struct Refusal {
     pub retry_after_secs: u64,
     pub message: String,
+}
+
+/// Why tokens could not be held for a request.
+#[derive(Debug, PartialEq)]
+pub enum Reservation {
+    /// More than the key's whole minute: it would never fit.
+    TooLarge { message: String },
+    /// Not now.
+    Later(Refusal),
 }
 
 /// An admitted request's place in its key's concurrency limit; released when dropped.
@@ -395,6 +411,7 @@ impl Limiter {
         let b = state.entry(who.name.clone()).or_insert_with(|| Budget {
             requests: f64::from(l.requests_per_minute.unwrap_or(0)),
             tokens: l.tokens_per_minute.unwrap_or(0) as f64,
+            reserved: 0,
             at: now,
             in_flight: 0,
         });
@@ -424,8 +441,9 @@ impl Limiter {
             }
         }
         if let Some(tpm) = l.tokens_per_minute {
-            if b.tokens <= 0.0 {
-                let wait = (-b.tokens + 1.0) * 60.0 / tpm as f64;
+            let free = b.tokens - b.reserved as f64;
+            if free <= 0.0 {
+                let wait = (-free + 1.0) * 60.0 / tpm as f64;
                 return Err(Refusal {
                     retry_after_secs: (wait.ceil() as u64).max(1),
                     message: format!(
@@ -448,13 +466,58 @@ impl Limiter {
 
     /// Charges `tokens` (prompt + completion) to `who`'s budget.
     pub fn charge(&self, who: &Identity, tokens: u64, now: Instant) {
-        if who.limits.tokens_per_minute.is_none() || tokens == 0 {
+        self.settle(who, 0, tokens, now);
+    }
+
+    /// Holds `tokens` (the most an accepted request can use) of `who`'s token budget, or
+    /// says why not: more than a whole minute's budget can never be held (`too_large`);
+    /// more than is free now, retry when enough has accrued. Returns the tokens held (0
+    /// for a key without a token limit), to pass to [`Limiter::settle`].
+    pub fn reserve(&self, who: &Identity, tokens: u64, now: Instant) -> Result<u64, Reservation> {
+        let Some(tpm) = who.limits.tokens_per_minute else {
+            return Ok(0);
+        };
+        if tokens > tpm {
+            return Err(Reservation::TooLarge {
+                message: format!(
+                    "This request may use up to {tokens} tokens but key `{}` may use {tpm} tokens per minute. Lower max_tokens or n.",
+                    who.name
+                ),
+            });
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(b) = state.get_mut(&who.name) else {
+            // Not admitted by this limiter (never in practice): nothing to hold against.
+            return Ok(0);
+        };
+        refill(b, who.limits, now);
+        let free = b.tokens - b.reserved as f64;
+        if free < tokens as f64 {
+            let wait = (tokens as f64 - free) * 60.0 / tpm as f64;
+            return Err(Reservation::Later(Refusal {
+                retry_after_secs: (wait.ceil() as u64).max(1),
+                message: format!(
+                    "Rate limit reached for key `{}`: {tpm} tokens per minute, and this request may use up to {tokens} (prompt + max_tokens for each choice). Retry in {:.0} s or lower max_tokens.",
+                    who.name,
+                    wait.ceil().max(1.0)
+                ),
+            }));
+        }
+        b.reserved += tokens;
+        Ok(tokens)
+    }
+
+    /// Ends a request that held `reserved` tokens and used `used`: the hold is let go
+    /// and what was used is spent.
+    pub fn settle(&self, who: &Identity, reserved: u64, used: u64, now: Instant) {
+        if reserved == 0 && (who.limits.tokens_per_minute.is_none() || used == 0) {
             return;
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = state.get_mut(&who.name) {
             refill(b, who.limits, now);
-            b.tokens -= tokens as f64;
+            b.reserved = b.reserved.saturating_sub(reserved);
+            b.tokens -= used as f64;
         }
     }
 
@@ -648,5 +711,69 @@ mod tests {
         // Other keys have budgets of their own.
         let other = identity("u", who.limits);
         assert!(limiter.admit(&other, t0).is_ok());
+    }
+
+    #[test]
+    fn requests_hold_their_most_and_give_back_the_rest() {
+        let limiter = Arc::new(Limiter::default());
+        let who = identity(
+            "r",
+            Limits {
+                tokens_per_minute: Some(600),
+                ..Limits::default()
+            },
+        );
+        let t0 = Instant::now();
+        let _p = limiter.admit(&who, t0).unwrap();
+        // Two requests of up to 250 tokens each fit in 600; a third does not, though
+        // nothing has been spent yet: it would overshoot if all three ran to the end.
+        assert_eq!(limiter.reserve(&who, 250, t0), Ok(250));
+        assert_eq!(limiter.reserve(&who, 250, t0), Ok(250));
+        let Err(Reservation::Later(r)) = limiter.reserve(&who, 250, t0) else {
+            panic!("the third does not fit")
+        };
+        // 150 short at 10 tokens a second.
+        assert_eq!(r.retry_after_secs, 15, "{r:?}");
+        assert!(r.message.contains("600 tokens per minute"), "{r:?}");
+        // The first used 50 of its 250: 200 come back, so the third fits now.
+        limiter.settle(&who, 250, 50, t0);
+        assert_eq!(limiter.reserve(&who, 250, t0), Ok(250));
+        // Held 250 + 250, spent 50: 50 free.
+        assert!(limiter.reserve(&who, 51, t0).is_err());
+        assert_eq!(limiter.reserve(&who, 50, t0), Ok(50));
+        // A new request is refused at the door while nothing is free.
+        assert!(limiter.admit(&who, t0).is_err());
+        // Both end having used all they held: 600 spent in all, nothing held.
+        limiter.settle(&who, 250, 250, t0);
+        limiter.settle(&who, 250, 250, t0);
+        limiter.settle(&who, 50, 50, t0);
+        assert!(limiter.reserve(&who, 1, t0).is_err());
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(limiter.reserve(&who, 600, t1), Ok(600));
+    }
+
+    #[test]
+    fn a_request_larger_than_a_minute_is_refused_for_good() {
+        let limiter = Arc::new(Limiter::default());
+        let who = identity(
+            "big",
+            Limits {
+                tokens_per_minute: Some(1000),
+                ..Limits::default()
+            },
+        );
+        let t0 = Instant::now();
+        let _p = limiter.admit(&who, t0).unwrap();
+        // n = 128, max_tokens = 8000: over a million tokens against 1000 a minute. Before
+        // holds, it was admitted with a full budget and spent it a thousand times over.
+        let Err(Reservation::TooLarge { message }) = limiter.reserve(&who, 128 * 8000, t0) else {
+            panic!("too large")
+        };
+        assert!(message.contains("1024000") && message.contains("1000 tokens per minute"));
+        // Nothing was held by the refusal.
+        assert_eq!(limiter.reserve(&who, 1000, t0), Ok(1000));
+        // Keys without a token limit hold nothing.
+        let free = identity("free", Limits::default());
+        assert_eq!(limiter.reserve(&free, 1 << 40, t0), Ok(0));
     }
 }

@@ -200,7 +200,7 @@ impl Metrics {
                 ),
                 (
                     "hearth_preemptions_total",
-                    "Sequences preempted for lack of KV blocks.",
+                    "Sequences preempted (for lack of KV blocks, or to give a waiting key its share).",
                     "counter",
                     s.preemptions.load(Relaxed).to_string(),
                 ),

@@ -485,10 +485,26 @@ async fn run(
             ),
         ));
     }
+    let prompt_tokens: usize = prompts.iter().map(|p| p.tokens.len()).sum();
+    let n = gen.params.len();
+    if let Some(c) = &origin.ctx {
+        // The key's token budget holds the most this request can use until it ends. Without
+        // max_tokens, the default is cut to what a minute of that budget allows.
+        if let (None, Some(tpm)) = (gen.max_tokens, c.tokens_per_minute()) {
+            let most = (tpm as usize).saturating_sub(prompt_tokens) / choices;
+            limits.iter_mut().for_each(|m| *m = (*m).min(most.max(1)));
+        }
+        c.reserve(
+            (prompt_tokens + limits.iter().sum::<usize>() * n) as u64,
+            max_param,
+        )?;
+    }
+    let owner = origin.ctx.as_ref().map_or_else(|| "".into(), |c| c.owner());
     let mut requests = Vec::with_capacity(choices);
     for (p, &max_tokens) in prompts.iter().zip(&limits) {
         for params in &gen.params {
             requests.push(Request {
+                owner: owner.clone(),
                 prompt: p.tokens.clone(),
                 params: params.clone(),
                 max_tokens,
@@ -502,11 +518,17 @@ async fn run(
     // All choices get queue places together, or the request is refused.
     let receivers = engine.scheduler.submit_all(requests).map_err(|e| match e {
         SubmitError::QueueFull(n) => ApiError::queue_full(n),
+        SubmitError::OwnerFull { cap, asked, .. } if asked > cap => ApiError::invalid(
+            Some("n"),
+            format!("This request asks for {asked} sequences (prompts × n) but one key or client may have at most {cap} queued or running."),
+        ),
+        SubmitError::OwnerFull { cap, held, .. } => ApiError::rate_limited(
+            format!("Too many sequences for this key or client: {held} queued or running of at most {cap}. Retry when some finish."),
+            1,
+        ),
         SubmitError::Stopped => ApiError::unavailable("The engine has stopped."),
         SubmitError::Invalid(msg) => ApiError::invalid(Some(prompt_param), msg),
     })?;
-    let prompt_tokens: usize = prompts.iter().map(|p| p.tokens.len()).sum();
-    let n = gen.params.len();
     let echoes: Vec<Option<String>> = prompts
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.echo.clone(), n))
