@@ -46,8 +46,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32)]
     max_running: usize,
     /// Sequences (choices, queued or running) one API key may have at once, or without
-    /// keys one client address; more get 429 (default: --max-running or a quarter of
-    /// --max-queue, whichever is more).
+    /// keys one client address; more get 429 (default: --max-running plus a quarter of
+    /// --max-queue).
     #[arg(long)]
     max_sequences_per_key: Option<usize>,
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT.

@@ -109,11 +109,11 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    /// A whole running batch, or a quarter of the queue if that is more: one owner can
-    /// keep every slot busy when alone, yet takes at most a quarter of the queue, so at
-    /// least three others still find room (32 and 256 give 64).
+    /// A whole running batch and a quarter of the queue: one owner can keep every slot
+    /// busy and sequences waiting behind them when alone, yet takes at most a quarter of
+    /// the queue, so at least three others still find room (32 and 256 give 96).
     pub fn default_max_per_owner(max_running: usize, max_queue: usize) -> usize {
-        max_running.max(max_queue / 4).max(1)
+        (max_running + max_queue.div_ceil(4)).max(1)
     }
 
     /// The per-owner cap in force.
@@ -291,7 +291,8 @@ impl SchedulerHandle {
                 None => wanted.push((r.owner.clone(), 1)),
             }
         }
-        let mut slots = self.owners.take(&wanted, self.owner_cap)?;
+        // The whole queue first (a full queue is the answer whoever asks), then the
+        // owner's share of it.
         let k = requests.len();
         let reserved = self.stats.waiting.fetch_update(Relaxed, Relaxed, |w| {
             (w + k <= self.max_queue).then_some(w + k)
@@ -299,6 +300,13 @@ impl SchedulerHandle {
         if reserved.is_err() {
             return Err(SubmitError::QueueFull(self.max_queue));
         }
+        let mut slots = match self.owners.take(&wanted, self.owner_cap) {
+            Ok(s) => s,
+            Err(e) => {
+                self.stats.waiting.fetch_sub(k, Relaxed);
+                return Err(e);
+            }
+        };
         let mut receivers = Vec::with_capacity(k);
         for (i, request) in requests.into_iter().enumerate() {
             let (events, rx) = unbounded_channel();
@@ -1117,9 +1125,10 @@ mod tests {
     }
 
     #[test]
-    fn the_default_cap_is_a_batch_or_a_quarter_of_the_queue() {
-        assert_eq!(SchedulerConfig::default().owner_cap(), 64);
-        assert_eq!(SchedulerConfig::default_max_per_owner(32, 16), 32);
+    fn the_default_cap_is_a_batch_and_a_quarter_of_the_queue() {
+        assert_eq!(SchedulerConfig::default().owner_cap(), 96);
+        assert_eq!(SchedulerConfig::default_max_per_owner(32, 16), 36);
+        assert_eq!(SchedulerConfig::default_max_per_owner(1, 1), 2);
         let c = SchedulerConfig {
             max_per_owner: Some(5),
             ..Default::default()
