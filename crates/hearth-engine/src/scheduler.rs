@@ -477,6 +477,7 @@ pub fn spawn(
                 running: Vec::new(),
                 waiting: VecDeque::new(),
                 stats,
+                active: HashMap::new(),
             };
             pool.install(|| s.run(rx));
         })
@@ -493,9 +494,34 @@ struct Scheduler<'m> {
     /// Taken from the channel (or preempted) and not yet admitted, next first.
     waiting: VecDeque<Sequence>,
     stats: Arc<SchedulerStats>,
+    /// When each owner last had work (running or waiting): owners seen within
+    /// [`ACTIVE_WINDOW`] share the batch.
+    active: HashMap<Arc<str>, std::time::Instant>,
 }
 
+/// How long an owner counts as active after its last sequence: a client between two
+/// requests keeps its share.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
+
 impl Scheduler<'_> {
+    /// Notes who has work now, forgets owners idle past the window, and returns each
+    /// active owner's share of the batch: `max_running` over the active owners (at
+    /// least 1), or the whole batch for a lone owner.
+    fn share(&mut self) -> usize {
+        let now = std::time::Instant::now();
+        for s in self.running.iter().chain(self.waiting.iter()) {
+            match self.active.get_mut(s.owner()) {
+                Some(t) => *t = now,
+                None => {
+                    self.active.insert(s.slot.owner.clone(), now);
+                }
+            }
+        }
+        self.active
+            .retain(|_, t| now.duration_since(*t) < ACTIVE_WINDOW);
+        (self.config.max_running / self.active.len().max(1)).max(1)
+    }
+
     fn run(&mut self, rx: Receiver<Submission>) {
         // Everything submitted moves to `waiting` at once (its size is bounded by
         // `submit_all`), so cancelled requests are dropped wherever they wait.
@@ -520,8 +546,10 @@ impl Scheduler<'_> {
                 }
             }
             self.drop_cancelled();
-            while self.running.len() < self.config.max_running && self.admit_next() {}
-            self.rebalance();
+            let share = self.share();
+            self.shed(share);
+            while self.running.len() < self.config.max_running && self.admit_next(share) {}
+            self.rebalance(share);
             if !open && self.running.is_empty() && self.waiting.is_empty() {
                 return;
             }
@@ -568,7 +596,8 @@ impl Scheduler<'_> {
     /// Starts the next waiting sequence (see [`pick_next`]) when the pool has blocks for
     /// its first chunk and the tokens after it, leaving one block per running sequence
     /// for decoding.
-    fn admit_next(&mut self) -> bool {
+    /// An owner already running its `share` waits while others are active.
+    fn admit_next(&mut self, share: usize) -> bool {
         let Some(at) = pick_next(
             self.waiting.iter().map(Sequence::owner),
             self.running.iter().map(Sequence::owner),
@@ -576,6 +605,14 @@ impl Scheduler<'_> {
             return false;
         };
         let seq = &self.waiting[at];
+        let held = self
+            .running
+            .iter()
+            .filter(|s| s.owner() == seq.owner())
+            .count();
+        if held >= share && self.active.len() > 1 {
+            return false;
+        }
         let needed = KvCache::blocks_for(seq.tokens.len() + 1) + self.running.len();
         if needed > self.cache.free_blocks() && !self.running.is_empty() {
             return false;
@@ -589,7 +626,7 @@ impl Scheduler<'_> {
     /// With the batch full, makes room for owners that wait with nothing running: an
     /// owner above its fair share gives up its newest sequence, and the waiting owner
     /// takes the slot. Each round serves one such owner, so it ends.
-    fn rebalance(&mut self) {
+    fn rebalance(&mut self, share: usize) {
         loop {
             let running: Vec<&str> = self.running.iter().map(Sequence::owner).collect();
             let Some(i) = victim(
@@ -600,9 +637,25 @@ impl Scheduler<'_> {
                 return;
             };
             self.preempt(i);
-            if !self.admit_next() {
+            if !self.admit_next(share) {
                 return;
             }
+        }
+    }
+
+    /// While several owners are active, an owner running more than its `share` (it
+    /// filled the batch while alone) gives back its newest sequences: a key with many
+    /// choices cannot make everyone's steps slow by holding the whole batch.
+    fn shed(&mut self, share: usize) {
+        if self.active.len() < 2 {
+            return;
+        }
+        loop {
+            let running: Vec<&str> = self.running.iter().map(Sequence::owner).collect();
+            let Some(i) = over_share(&running, share) else {
+                return;
+            };
+            self.preempt(i);
         }
     }
 
@@ -1012,6 +1065,18 @@ fn victim<'a>(
     (counts[running[at]] > share).then_some(at)
 }
 
+/// The newest running sequence (by index, oldest first) of an owner that runs more than
+/// `share` sequences.
+fn over_share(running: &[&str], share: usize) -> Option<usize> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for &o in running {
+        *counts.entry(o).or_insert(0) += 1;
+    }
+    (0..running.len())
+        .rev()
+        .find(|&i| counts[running[i]] > share)
+}
+
 /// The `n` largest entries of `lp` with their indices, largest first (lower index first
 /// among equals).
 fn top_n(lp: &[f32], n: usize) -> Vec<(u32, f32)> {
@@ -1122,6 +1187,14 @@ mod tests {
         drop(two);
         assert_eq!(counts.held("a"), 0);
         assert!(counts.lock().is_empty(), "owners with none are not kept");
+    }
+
+    #[test]
+    fn owners_over_their_share_give_back_their_newest() {
+        assert_eq!(over_share(&["a", "b", "a", "a"], 2), Some(3));
+        assert_eq!(over_share(&["a", "b", "a", "b"], 2), None);
+        assert_eq!(over_share(&["b", "a", "a", "b", "b"], 1), Some(4));
+        assert_eq!(over_share(&[], 1), None);
     }
 
     #[test]
