@@ -47,7 +47,7 @@ pub struct ServeArgs {
     max_running: usize,
     /// Sequences (choices, queued or running) one API key may have at once, or without
     /// keys one client address; more get 429 (default: --max-running plus a quarter of
-    /// --max-queue).
+    /// --max-queue, at least 128 where the queue holds them).
     #[arg(long)]
     max_sequences_per_key: Option<usize>,
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT.

@@ -88,6 +88,30 @@ fn hostile_grammars_are_refused_and_the_server_lives() {
         "grammar",
     );
     assert!(m.contains("nests"), "{m}");
+    // The same chains spelt as the checker might miss them: percent-encoded pointers,
+    // hyphenated rule names (250 KB, within the size limit).
+    let encoded: Value =
+        serde_json::from_str(&ref_chain(300).to_string().replace("#/$defs/", "#/%24defs/"))
+            .unwrap();
+    refused(&server, &with(schema_format(encoded)), "response_format");
+    let hyphens: String = (0..15_000)
+        .map(|i| format!("a-{i}: a-{}\n", i + 1))
+        .collect();
+    let m = refused(
+        &server,
+        &with(json!({"grammar": format!("start: a-0\n{hyphens}a-15000: \"x\"\n")})),
+        "grammar",
+    );
+    assert!(m.contains("nests"), "{m}");
+    // A $ref the checker cannot follow is refused, not guessed at.
+    let m = refused(
+        &server,
+        &with(schema_format(
+            json!({"$defs": {"a": {"$anchor": "x", "type": "integer"}}, "$ref": "#x"}),
+        )),
+        "response_format",
+    );
+    assert!(m.contains("$ref"), "{m}");
     // Too large (the 4 MB grammar took 2.5 min of CPU): refused unread.
     let huge = format!(
         "start: {}",

@@ -10,7 +10,6 @@
 mod limits;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use hearth_models::Tokenizer;
 use llguidance::api::TopLevelGrammar;
@@ -133,17 +132,22 @@ impl Constraints {
     /// checked first, then it is compiled, and its first token mask computed (a grammar
     /// whose lexer cannot be built fails here, not in the middle of a generation), on a
     /// thread of its own with a large stack, at most [`COMPILE_SLOTS`] at once, within
-    /// the time limit. A panic in the compiler is caught and becomes an error.
-    pub fn compile_bounded(
+    /// the time limit. Waiting (for a slot, for the compiler) holds no thread: a flood
+    /// of grammars cannot tie up the threads other requests need. A panic in the
+    /// compiler is caught and becomes an error.
+    pub async fn compile_bounded(
         self: &Arc<Self>,
         grammar: &Grammar,
         limits: &GrammarLimits,
     ) -> Result<Constraint, CompileError> {
         limits.check(grammar)?;
-        let started = Instant::now();
-        let slot =
-            limits::Slot::acquire(limits.timeout).ok_or(CompileError::Timeout(limits.timeout))?;
-        let (tx, rx) = std::sync::mpsc::channel();
+        let deadline = tokio::time::Instant::now() + limits.timeout;
+        let timeout = CompileError::Timeout(limits.timeout);
+        let slot = tokio::time::timeout_at(deadline, limits::SLOTS.acquire())
+            .await
+            .map_err(|_| timeout.clone())?
+            .map_err(|_| CompileError::Internal)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let (this, grammar) = (self.clone(), grammar.clone());
         std::thread::Builder::new()
             .name("hearth-grammar".into())
@@ -153,22 +157,7 @@ impl Constraints {
                 // abandoned compilations cannot pile up.
                 let _slot = slot;
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let mut c = this
-                        .compile(&grammar)
-                        .map_err(|e| CompileError::Invalid(e.0))?;
-                    c.mask().map_err(|e| {
-                        CompileError::Invalid(match e.0.as_str() {
-                            "NoExtension" | "NoExtensionBias" => {
-                                "it matches no output at all (a schema that only refers to itself?)"
-                                    .into()
-                            }
-                            m => m.into(),
-                        })
-                    })?;
-                    match c.failure() {
-                        Some(why) => Err(CompileError::Invalid(why)),
-                        None => Ok(c),
-                    }
+                    this.compile_checked(&grammar)
                 }));
                 let result = result.unwrap_or_else(|p| {
                     let what = p
@@ -185,10 +174,30 @@ impl Constraints {
                 tracing::error!("cannot start a grammar thread: {e}");
                 CompileError::Internal
             })?;
-        let left = limits.timeout.saturating_sub(started.elapsed());
-        match rx.recv_timeout(left) {
-            Ok(r) => r,
-            Err(_) => Err(CompileError::Timeout(limits.timeout)),
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(CompileError::Internal),
+            Err(_) => Err(timeout),
+        }
+    }
+
+    /// Compiles and computes the first mask; a grammar the library gives up on is an
+    /// error now.
+    fn compile_checked(&self, grammar: &Grammar) -> Result<Constraint, CompileError> {
+        let mut c = self
+            .compile(grammar)
+            .map_err(|e| CompileError::Invalid(e.0))?;
+        c.mask().map_err(|e| {
+            CompileError::Invalid(match e.0.as_str() {
+                "NoExtension" | "NoExtensionBias" => {
+                    "it matches no output at all (a schema that only refers to itself?)".into()
+                }
+                m => m.into(),
+            })
+        })?;
+        match c.failure() {
+            Some(why) => Err(CompileError::Invalid(why)),
+            None => Ok(c),
         }
     }
 }
@@ -302,7 +311,7 @@ impl Constraint {
     pub fn commit(&mut self, id: u32) -> Result<(), GrammarError> {
         self.matcher
             .consume_token(id)
-            .map_err(|e| GrammarError(e.to_string()))
+            .map_err(|e| GrammarError(client_message(&e.to_string())))
     }
 
     /// Tokens the grammar forces next (a fixed key, a closing bracket), already
@@ -317,7 +326,7 @@ impl Constraint {
     pub fn failure(&self) -> Option<String> {
         use llguidance::api::StopReason;
         if let Some(e) = self.matcher.get_error() {
-            return Some(e);
+            return Some(client_message(&e));
         }
         match self.matcher.stop_reason() {
             StopReason::LexerTooComplex => Some(

@@ -84,14 +84,16 @@ impl LoadedModel {
 
     /// Compiles a grammar a client sent, within `limits` (see
     /// [`Constraints::compile_bounded`]).
-    pub fn constraint_bounded(
+    pub async fn constraint_bounded(
         &self,
         grammar: &Grammar,
         limits: &GrammarLimits,
     ) -> Result<Constraint, CompileError> {
-        self.constraints()
+        let c = self
+            .constraints()
             .map_err(|e| CompileError::Invalid(e.0))?
-            .compile_bounded(grammar, limits)
+            .clone();
+        c.compile_bounded(grammar, limits).await
     }
 
     pub fn context_length(&self) -> usize {

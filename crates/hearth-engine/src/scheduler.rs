@@ -111,9 +111,14 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// A whole running batch and a quarter of the queue: one owner can keep every slot
     /// busy and sequences waiting behind them when alone, yet takes at most a quarter of
-    /// the queue, so at least three others still find room (32 and 256 give 96).
+    /// the queue, so at least three others still find room; and at least the 128
+    /// choices one API request may ask for, where the queue holds them (32 and 256 give
+    /// 128).
     pub fn default_max_per_owner(max_running: usize, max_queue: usize) -> usize {
-        (max_running + max_queue.div_ceil(4)).max(1)
+        (max_running + max_queue.div_ceil(4))
+            .max(128)
+            .min(max_running + max_queue)
+            .max(1)
     }
 
     /// The per-owner cap in force.
@@ -1199,8 +1204,9 @@ mod tests {
 
     #[test]
     fn the_default_cap_is_a_batch_and_a_quarter_of_the_queue() {
-        assert_eq!(SchedulerConfig::default().owner_cap(), 96);
-        assert_eq!(SchedulerConfig::default_max_per_owner(32, 16), 36);
+        assert_eq!(SchedulerConfig::default().owner_cap(), 128);
+        assert_eq!(SchedulerConfig::default_max_per_owner(32, 16), 48);
+        assert_eq!(SchedulerConfig::default_max_per_owner(64, 512), 192);
         assert_eq!(SchedulerConfig::default_max_per_owner(1, 1), 2);
         let c = SchedulerConfig {
             max_per_owner: Some(5),

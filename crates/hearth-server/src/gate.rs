@@ -87,11 +87,18 @@ impl RequestCtx {
     }
 
     /// Whose the request is, for the scheduler's fair shares and per-owner cap: its key's
-    /// name, or without keys the client's address; requests with neither share one.
+    /// name, or without keys the client's address (an IPv6 client by its /64, which one
+    /// host commonly holds whole); requests with neither share one.
     pub fn owner(&self) -> Arc<str> {
         match (&self.identity, self.client) {
             (Some(i), _) => format!("key:{}", i.name).into(),
-            (None, Some(c)) => format!("ip:{}", c.ip()).into(),
+            (None, Some(c)) => match c.ip() {
+                std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+                    let s = v6.segments();
+                    format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3]).into()
+                }
+                ip => format!("ip:{}", ip.to_canonical()).into(),
+            },
             (None, None) => "".into(),
         }
     }

@@ -171,11 +171,28 @@ pub async fn chat_completions(
         ));
     }
     let tool_format = active.as_ref().map(|_| info.chat_template.tool_format);
+    let (grammar, param) = match &active {
+        Some(t) => {
+            let tok = &info.tokenizer;
+            let mistral = tok
+                .token_id("[TOOL_CALLS]")
+                .filter(|&id| tok.is_control(id))
+                .map(|id| format!("<[{id}]>"));
+            let grammar = t.grammar(info.chat_template.tool_format, mistral.as_deref());
+            (grammar, "tools")
+        }
+        None => (spec.grammar.clone(), spec.param),
+    };
+    let constraint = compile(
+        &engine.model,
+        grammar.as_ref(),
+        param,
+        &state.limits.grammar,
+    )
+    .await?;
     let model = engine.model.clone();
-    let limits = state.limits.grammar.clone();
-    let param = spec.param;
-    // Template, tokenizer and grammar work is CPU work: off the async threads.
-    let (prompts, constraint) = blocking(move || {
+    // Template and tokenizer work is CPU work: off the async threads.
+    let prompts = blocking(move || {
         let info = &model.info;
         // Client text is tokenized as text: only the template's markup becomes control
         // tokens.
@@ -208,30 +225,13 @@ pub async fn chat_completions(
                 format!("Cannot tokenize the messages: {e}"),
             )
         })?;
-        let constraint = match &active {
-            Some(t) => {
-                let tok = &info.tokenizer;
-                let mistral = tok
-                    .token_id("[TOOL_CALLS]")
-                    .filter(|&id| tok.is_control(id))
-                    .map(|id| format!("<[{id}]>"));
-                let grammar = t.grammar(info.chat_template.tool_format, mistral.as_deref());
-                compile(&model, grammar.as_ref(), "tools", &limits)?
-            }
-            None => compile(&model, spec.grammar.as_ref(), spec.param, &limits)?,
-        };
-        Ok((vec![PromptJob { tokens, echo: None }], constraint))
+        Ok(vec![PromptJob { tokens, echo: None }])
     })
     .await?;
-    let grammar_param = if tool_format.is_some() {
-        Some("tools")
-    } else {
-        constraint.as_ref().map(|_| param)
-    };
     let out = Output {
+        grammar_param: constraint.as_ref().map(|_| param),
         constraint,
         tool_format,
-        grammar_param,
     };
     run(state.clone(), Kind::Chat, gen, prompts, out, origin).await
 }
@@ -273,7 +273,7 @@ struct Output {
 
 /// Compiles a client's grammar for the model within the server's grammar limits; a bad
 /// one, or one over a limit, is the client's 400 naming the parameter.
-fn compile(
+async fn compile(
     model: &LoadedModel,
     grammar: Option<&Grammar>,
     param: &str,
@@ -282,15 +282,19 @@ fn compile(
     let Some(g) = grammar else {
         return Ok(None);
     };
-    model.constraint_bounded(g, limits).map(Some).map_err(|e| {
-        let hint = match e {
-            CompileError::TooLarge { .. } => " (--max-grammar-kb)",
-            CompileError::TooDeep { .. } => " (--max-grammar-depth)",
-            CompileError::Timeout(_) => " (--grammar-timeout)",
-            CompileError::Invalid(_) | CompileError::Internal => "",
-        };
-        ApiError::invalid(Some(param), format!("Invalid '{param}': {e}{hint}."))
-    })
+    model
+        .constraint_bounded(g, limits)
+        .await
+        .map(Some)
+        .map_err(|e| {
+            let hint = match e {
+                CompileError::TooLarge { .. } => " (--max-grammar-kb)",
+                CompileError::TooDeep { .. } => " (--max-grammar-depth)",
+                CompileError::Timeout(_) => " (--grammar-timeout)",
+                CompileError::Invalid(_) | CompileError::Internal => "",
+            };
+            ApiError::invalid(Some(param), format!("Invalid '{param}': {e}{hint}."))
+        })
 }
 
 pub async fn completions(
@@ -314,17 +318,18 @@ pub async fn completions(
     let echo = fields.echo.unwrap_or(false);
     let inputs = fields.prompts()?;
     let spec = structured::output_spec(&body)?;
-    let model = engine.model.clone();
-    let limits = state.limits.grammar.clone();
-    let plain = !state.limits.completions_special_tokens;
-    let param = spec.param;
-    let (prompts, constraint) = blocking(move || {
-        let constraint = compile(&model, spec.grammar.as_ref(), spec.param, &limits)?;
-        Ok((prompt_jobs(&model, inputs, echo, plain)?, constraint))
-    })
+    let constraint = compile(
+        &engine.model,
+        spec.grammar.as_ref(),
+        spec.param,
+        &state.limits.grammar,
+    )
     .await?;
+    let model = engine.model.clone();
+    let plain = !state.limits.completions_special_tokens;
+    let prompts = blocking(move || prompt_jobs(&model, inputs, echo, plain)).await?;
     let out = Output {
-        grammar_param: constraint.as_ref().map(|_| param),
+        grammar_param: constraint.as_ref().map(|_| spec.param),
         constraint,
         tool_format: None,
     };

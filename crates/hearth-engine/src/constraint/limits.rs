@@ -7,8 +7,7 @@
 //! (measured: see the tests), a few at a time, within a time limit.
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -84,16 +83,29 @@ fn check(grammar: &Grammar, limits: &GrammarLimits) -> Result<(), CompileError> 
     let deep = CompileError::TooDeep {
         limit: limits.max_depth,
     };
-    match grammar {
-        Grammar::JsonSchema(v) => {
-            schema_depth(v, limits.max_depth).map_err(|_| deep)?;
-        }
-        Grammar::Lark(s) => {
-            lark_depth(s, limits.max_depth).map_err(|_| deep)?;
-        }
-        Grammar::JsonObject | Grammar::Regex(_) => {}
+    let found = match grammar {
+        Grammar::JsonSchema(v) => schema_depth(v, limits.max_depth),
+        Grammar::Lark(s) => lark_depth(s, limits.max_depth),
+        Grammar::JsonObject | Grammar::Regex(_) => Ok(0),
+    };
+    match found {
+        Ok(_) => Ok(()),
+        Err(DepthError::Deep) => Err(deep),
+        Err(DepthError::Ref(r)) => Err(CompileError::Invalid(format!(
+            "the `$ref` {:?} is not a JSON pointer into this schema (`#`, `#/$defs/…`); only those can be followed",
+            r.chars().take(64).collect::<String>()
+        ))),
     }
-    Ok(())
+}
+
+/// Why a grammar's nesting was not accepted.
+#[derive(Debug, PartialEq)]
+pub(crate) enum DepthError {
+    /// Deeper than the limit.
+    Deep,
+    /// A `$ref` that is not a JSON pointer into the schema (an anchor, an `$id`, another
+    /// document): its depth cannot be known, so it is refused.
+    Ref(String),
 }
 
 /// Length of `v` as compact JSON.
@@ -141,7 +153,7 @@ const MANY: &[&str] = &[
 /// reference back into its own chain (a recursive schema) ends the chain there. `Err`
 /// when deeper than `limit` (the walk stops there, so it recurses at most `limit`
 /// levels itself).
-pub(crate) fn schema_depth(root: &Value, limit: usize) -> Result<usize, ()> {
+pub(crate) fn schema_depth(root: &Value, limit: usize) -> Result<usize, DepthError> {
     struct Walk<'a> {
         root: &'a Value,
         limit: usize,
@@ -150,9 +162,9 @@ pub(crate) fn schema_depth(root: &Value, limit: usize) -> Result<usize, ()> {
         open: Vec<*const Value>,
     }
     impl<'a> Walk<'a> {
-        fn node(&mut self, v: &'a Value, level: usize) -> Result<usize, ()> {
+        fn node(&mut self, v: &'a Value, level: usize) -> Result<usize, DepthError> {
             if level >= self.limit {
-                return Err(());
+                return Err(DepthError::Deep);
             }
             let Value::Object(map) = v else {
                 // `items: [..]` (old tuple form) holds schemas too.
@@ -181,8 +193,11 @@ pub(crate) fn schema_depth(root: &Value, limit: usize) -> Result<usize, ()> {
                     }
                     m
                 } else if k == "$ref" {
-                    match child.as_str().and_then(|r| self.resolve(r)) {
-                        Some(target) => self.target(target, level + 1)?,
+                    match child.as_str() {
+                        Some(r) => match self.resolve(r) {
+                            Some(target) => self.target(target, level + 1)?,
+                            None => return Err(DepthError::Ref(r.to_owned())),
+                        },
                         None => 0,
                     }
                 } else {
@@ -193,14 +208,14 @@ pub(crate) fn schema_depth(root: &Value, limit: usize) -> Result<usize, ()> {
             Ok(most + 1)
         }
 
-        fn target(&mut self, t: &'a Value, level: usize) -> Result<usize, ()> {
+        fn target(&mut self, t: &'a Value, level: usize) -> Result<usize, DepthError> {
             let key = t as *const Value;
             if self.open.contains(&key) {
                 return Ok(0); // recursion: compiled as a rule that refers to itself
             }
             if let Some(&d) = self.memo.get(&key) {
                 if level + d > self.limit {
-                    return Err(());
+                    return Err(DepthError::Deep);
                 }
                 return Ok(d);
             }
@@ -212,12 +227,13 @@ pub(crate) fn schema_depth(root: &Value, limit: usize) -> Result<usize, ()> {
             Ok(d)
         }
 
+        /// A `#…` JSON pointer (percent-encoded, as in a URI fragment) into the root.
         fn resolve(&self, r: &str) -> Option<&'a Value> {
-            let pointer = r.strip_prefix('#')?;
+            let pointer = percent_decode(r.strip_prefix('#')?)?;
             if pointer.is_empty() {
                 return Some(self.root);
             }
-            self.root.pointer(pointer)
+            self.root.pointer(&pointer)
         }
     }
     let mut w = Walk {
@@ -229,11 +245,29 @@ pub(crate) fn schema_depth(root: &Value, limit: usize) -> Result<usize, ()> {
     w.node(root, 0)
 }
 
+/// `%XX` escapes decoded; `None` when they do not make UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The deepest chain of rules referring to rules in a Lark grammar (llguidance's
 /// dialect, GBNF-style `::=` rules too), and of any JSON schema embedded with `%json`.
 /// A rule that refers back into its own chain ends the chain there. `Err` once deeper
 /// than `limit`.
-pub(crate) fn lark_depth(src: &str, limit: usize) -> Result<usize, ()> {
+pub(crate) fn lark_depth(src: &str, limit: usize) -> Result<usize, DepthError> {
     let mut rules: HashMap<&str, Vec<&str>> = HashMap::new();
     let mut order: Vec<&str> = Vec::new();
     let mut current: Option<&str> = None;
@@ -271,7 +305,7 @@ pub(crate) fn lark_depth(src: &str, limit: usize) -> Result<usize, ()> {
                 i += 1;
                 continue;
             }
-            b'#' if line_start => {
+            b'#' => {
                 while i < b.len() && b[i] != b'\n' {
                     i += 1;
                 }
@@ -300,14 +334,33 @@ pub(crate) fn lark_depth(src: &str, limit: usize) -> Result<usize, ()> {
             }
             c if c.is_ascii_alphabetic() || c == b'_' => {
                 let s = i;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                // Names as llguidance's lexer reads them: hyphens too.
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'-')
+                {
                     i += 1;
                 }
                 let name = &src[s..i];
-                // A definition: a name at the start of a line, then `:` or `::=`
-                // (a priority `.N` may come between).
+                // A definition: a name at the start of a line, then `:` or `::=`; a
+                // parameter list `{…}` or attributes `[…]`, and a priority `.N`, may
+                // come between.
                 let mut j = i;
                 if line_start || s == 0 {
+                    if let Some(&open @ (b'{' | b'[')) = b.get(j) {
+                        let close = if open == b'{' { b'}' } else { b']' };
+                        let mut nest = 0usize;
+                        while j < b.len() {
+                            if b[j] == open {
+                                nest += 1;
+                            } else if b[j] == close {
+                                nest -= 1;
+                                if nest == 0 {
+                                    j += 1;
+                                    break;
+                                }
+                            }
+                            j += 1;
+                        }
+                    }
                     if b.get(j) == Some(&b'.') {
                         j += 1;
                         while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'-') {
@@ -346,15 +399,19 @@ pub(crate) fn lark_depth(src: &str, limit: usize) -> Result<usize, ()> {
         rules: &HashMap<&'a str, Vec<&'a str>>,
         memo: &mut HashMap<&'a str, usize>,
         open: &mut Vec<&'a str>,
-    ) -> Result<usize, ()> {
+    ) -> Result<usize, DepthError> {
         if level >= limit {
-            return Err(());
+            return Err(DepthError::Deep);
         }
         if open.contains(&r) {
             return Ok(0);
         }
         if let Some(&d) = memo.get(r) {
-            return if level + d > limit { Err(()) } else { Ok(d) };
+            return if level + d > limit {
+                Err(DepthError::Deep)
+            } else {
+                Ok(d)
+            };
         }
         let Some(refs) = rules.get(r) else {
             return Ok(0); // a terminal or an unknown name: the compiler says
@@ -364,9 +421,9 @@ pub(crate) fn lark_depth(src: &str, limit: usize) -> Result<usize, ()> {
         for &x in refs {
             match depth(x, level + 1, limit, rules, memo, open) {
                 Ok(d) => most = most.max(d),
-                Err(()) => {
+                Err(e) => {
                     open.pop();
-                    return Err(());
+                    return Err(e);
                 }
             }
         }
@@ -380,42 +437,14 @@ pub(crate) fn lark_depth(src: &str, limit: usize) -> Result<usize, ()> {
         let d = depth(r, 0, limit, &rules, &mut memo, &mut Vec::new())?;
         most = most.max(d + embedded);
         if most > limit {
-            return Err(());
+            return Err(DepthError::Deep);
         }
     }
     Ok(most)
 }
 
-/// A place among the [`COMPILE_SLOTS`]; given back when dropped.
-pub(super) struct Slot(());
-
-static SLOTS: Mutex<usize> = Mutex::new(0);
-static FREED: Condvar = Condvar::new();
-
-impl Slot {
-    /// Waits up to `timeout` for a free slot.
-    pub(super) fn acquire(timeout: Duration) -> Option<Self> {
-        let deadline = Instant::now() + timeout;
-        let mut used = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
-        while *used >= COMPILE_SLOTS {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            used = FREED
-                .wait_timeout(used, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        *used += 1;
-        Some(Self(()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut used = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
-        *used -= 1;
-        FREED.notify_one();
-    }
-}
+/// The compiler slots, all requests together.
+pub(super) static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(COMPILE_SLOTS);
 
 #[cfg(test)]
 mod tests {
@@ -450,34 +479,65 @@ mod tests {
         assert_eq!(schema_depth(&nested, 10), Ok(3));
         // Each level of the chain is an anyOf and a $ref.
         assert_eq!(schema_depth(&ref_chain(10), 100), Ok(20));
-        assert_eq!(schema_depth(&ref_chain(300), 128), Err(()));
+        assert_eq!(schema_depth(&ref_chain(300), 128), Err(DepthError::Deep));
         // Recursive schemas are fine: a tree, a self-reference.
         let tree = json!({"$defs": {"n": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/n"}}}}}, "$ref": "#/$defs/n"});
         assert_eq!(schema_depth(&tree, 10), Ok(4));
         assert_eq!(schema_depth(&json!({"$ref": "#"}), 10), Ok(1));
+        // Percent-encoded pointers are followed; refs that are not pointers refused.
+        let encoded = serde_json::to_string(&ref_chain(300))
+            .unwrap()
+            .replace("#/$defs/", "#/%24defs/");
+        let encoded: Value = serde_json::from_str(&encoded).unwrap();
+        assert_eq!(schema_depth(&encoded, 128), Err(DepthError::Deep));
+        for r in ["#a5", "urn:x", "other.json#/a", "#/%zz", "#/$defs/missing"] {
+            let v = json!({"$defs": {"a": {"type": "string"}}, "$ref": r});
+            assert_eq!(schema_depth(&v, 10), Err(DepthError::Ref(r.into())), "{r}");
+        }
         // A shared target reached deep down counts from where it is reached.
         let shared = json!({"$defs": {"d": {"properties": {"x": {"items": {"type": "string"}}}}}, "properties": {"a": {"$ref": "#/$defs/d"}, "b": {"properties": {"c": {"$ref": "#/$defs/d"}}}}});
         assert_eq!(schema_depth(&shared, 100), Ok(6));
         assert_eq!(schema_depth(&shared, 6), Ok(6));
-        assert_eq!(schema_depth(&shared, 5), Err(()));
+        assert_eq!(schema_depth(&shared, 5), Err(DepthError::Deep));
     }
 
     #[test]
     fn lark_depth_counts_rule_chains() {
         assert_eq!(lark_depth("start: \"a\" | \"b\"", 10), Ok(1));
         assert_eq!(lark_depth(&rule_chain(5), 100), Ok(7));
-        assert_eq!(lark_depth(&rule_chain(1000), 128), Err(()));
+        assert_eq!(lark_depth(&rule_chain(1000), 128), Err(DepthError::Deep));
         // Recursion, comments, strings and regexes that look like rules.
         let g =
             "// r: fake\nstart: expr\nexpr: expr \"+\" term | term\nterm: /[0-9]+/ | \"x: y\"\n";
         assert_eq!(lark_depth(g, 10), Ok(3));
         // GBNF-style rules.
         assert_eq!(lark_depth("root ::= a\na ::= \"x\"", 10), Ok(2));
+        // Names with hyphens, rules with attributes or parameters, `#` comments.
+        let hyphens: String = (0..15_000)
+            .map(|i| format!("a-{i}: a-{}\n", i + 1))
+            .collect();
+        assert!(hyphens.len() <= 256 << 10);
+        assert_eq!(
+            lark_depth(&format!("start: a-0\n{hyphens}"), 128),
+            Err(DepthError::Deep)
+        );
+        let g = "start: b # c: d\nb[stop=\"x\"]: c\nc{x}: \"y\"\nd: e\n";
+        assert_eq!(lark_depth(g, 10), Ok(3));
         // An embedded schema counts.
         let emb = format!("start: %json {}\n", ref_chain(300));
-        assert_eq!(lark_depth(&emb, 128), Err(()));
+        assert_eq!(lark_depth(&emb, 128), Err(DepthError::Deep));
         let emb = format!("start: %json {}\n", ref_chain(3));
         assert_eq!(lark_depth(&emb, 128), Ok(7));
+    }
+
+    #[test]
+    fn slots_bound_concurrent_work() {
+        let held: Vec<_> = (0..COMPILE_SLOTS)
+            .map(|_| SLOTS.try_acquire().unwrap())
+            .collect();
+        assert!(SLOTS.try_acquire().is_err());
+        drop(held);
+        assert!(SLOTS.try_acquire().is_ok());
     }
 
     #[test]
@@ -493,15 +553,5 @@ mod tests {
         let deep = Grammar::Lark(rule_chain(1000));
         assert_eq!(check(&deep, &l), Err(CompileError::TooDeep { limit: 128 }));
         assert_eq!(check(&Grammar::JsonSchema(ref_chain(20)), &l), Ok(()));
-    }
-
-    #[test]
-    fn slots_bound_concurrent_work() {
-        let held: Vec<Slot> = (0..COMPILE_SLOTS)
-            .map(|_| Slot::acquire(Duration::from_secs(1)).unwrap())
-            .collect();
-        assert!(Slot::acquire(Duration::from_millis(20)).is_none());
-        drop(held);
-        assert!(Slot::acquire(Duration::from_millis(20)).is_some());
     }
 }
