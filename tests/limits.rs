@@ -91,14 +91,6 @@ fn a_connection_flood_is_refused_and_health_keeps_answering() {
     assert_eq!(open_file_limits(s.child.id()), (512, 512));
     let flood_started = Instant::now();
     let flood = idle_connections(&s, 300);
-    // Beyond the 20 and the reserve of 16, connections are closed as soon as accepted.
-    let closed = flood
-        .iter()
-        .rev()
-        .take(100)
-        .filter(|c| closed_by_server(c, Duration::from_millis(500)))
-        .count();
-    assert_eq!(closed, 100, "the newest connections are closed at once");
     // The reserve's idle connections are cut after a short header timeout; then the
     // monitoring paths answer on it.
     let health = loop {
@@ -106,14 +98,23 @@ fn a_connection_flood_is_refused_and_health_keeps_answering() {
             break r;
         }
         assert!(
-            flood_started.elapsed() < Duration::from_secs(3),
+            flood_started.elapsed() < Duration::from_secs(5),
             "/health did not answer during the flood"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(health.status, 200);
     let answered = flood_started.elapsed();
-    assert!(answered < Duration::from_secs(3), "{answered:?}");
+    assert!(answered < Duration::from_secs(5), "{answered:?}");
+    // Beyond the 20 and the reserve of 16, connections are closed as soon as accepted
+    // (checked in the order they are accepted; the bound is generous for a loaded
+    // machine: before, they were never closed).
+    let closed = flood
+        .iter()
+        .skip(200)
+        .filter(|c| closed_by_server(c, Duration::from_secs(5)))
+        .count();
+    assert_eq!(closed, 100, "the newest connections are closed at once");
     assert_eq!(try_get(&s, "/ready").unwrap().status, 200);
     // Other paths are refused on a reserve connection with a 503 that closes it.
     let r = try_get(&s, "/v1/models").expect("a reserve connection answers");
@@ -188,7 +189,7 @@ fn out_of_descriptors_the_listener_closes_what_it_cannot_serve() {
 
 #[test]
 fn shutdown_tells_new_connections_503_and_ends_cut_streams_properly() {
-    let mut s = Server::start(&["--shutdown-timeout", "2"]);
+    let mut s = Server::start(&["--shutdown-timeout", "5"]);
     let mut events = s.long_stream("Tell me a very long story.", 5000);
     events.next_data().unwrap().unwrap();
     // A whole (non-streamed) reply that cannot finish within the grace period.
@@ -241,7 +242,7 @@ fn shutdown_tells_new_connections_503_and_ends_cut_streams_properly() {
     assert_eq!(try_get(&s, "/health").unwrap().status, 200);
     assert_eq!(try_get(&s, "/ready").unwrap().status, 503);
     assert!(
-        signalled.elapsed() < Duration::from_secs(2),
+        signalled.elapsed() < Duration::from_secs(5),
         "checked within the grace period"
     );
     // The stream runs on until the deadline, then ends: a final chunk with its finish
@@ -272,7 +273,7 @@ fn shutdown_tells_new_connections_503_and_ends_cut_streams_properly() {
     assert_eq!(status.code(), Some(0));
     let waited = signalled.elapsed();
     assert!(
-        waited >= Duration::from_secs(2) && waited < Duration::from_secs(6),
-        "exit {waited:?} after SIGTERM with a 2 s grace period"
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(12),
+        "exit {waited:?} after SIGTERM with a 5 s grace period"
     );
 }
