@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{chat, Server};
+use common::{add_key, chat, Server};
 use serde_json::{json, Value};
 
 fn hearth(args: &[&str]) -> Output {
@@ -19,27 +19,6 @@ fn hearth(args: &[&str]) -> Output {
         .env_remove("HEARTH_API_KEYS_FILE")
         .output()
         .expect("the binary runs")
-}
-
-/// `hearth keys add NAME ARGS... --api-keys-file FILE`; the key it printed.
-fn add_key(file: &Path, name: &str, args: &[&str]) -> String {
-    let mut all = vec![
-        "keys",
-        "add",
-        name,
-        "--api-keys-file",
-        file.to_str().unwrap(),
-    ];
-    all.extend_from_slice(args);
-    let out = hearth(&all);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert!(key.starts_with("hk-"), "{key}");
-    key
 }
 
 fn keys_cmd(file: &Path, args: &[&str]) -> Output {

@@ -5,34 +5,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{chat, Server};
+use common::{add_key, chat, Server};
 use serde_json::{json, Value};
-
-/// `hearth keys add NAME ARGS... --api-keys-file FILE`; the key it printed.
-fn add_key(file: &Path, name: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args([
-            "keys",
-            "add",
-            name,
-            "--api-keys-file",
-            file.to_str().unwrap(),
-        ])
-        .args(args)
-        .env_remove("HEARTH_API_KEYS_FILE")
-        .output()
-        .expect("the binary runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
 
 fn post_as(server: &Server, key: &str, body: &Value) -> (u16, Value, Option<String>) {
     let r = server.request(

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{chat, Server};
+use common::{add_key, chat, Server};
 use serde_json::json;
 
 const CLIENTS: usize = 64;
@@ -270,23 +270,6 @@ fn sixty_four_clients_with_cancellations_and_garbage() {
     eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
 }
 
-/// `hearth keys add NAME --api-keys-file FILE`; the key.
-fn add_key(file: &std::path::Path, name: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args([
-            "keys",
-            "add",
-            name,
-            "--api-keys-file",
-            file.to_str().unwrap(),
-        ])
-        .env_remove("HEARTH_API_KEYS_FILE")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// The issue 23 attacks, sent in a loop by one abusive key until `stop`: a request for
 /// 64 choices of 2000 tokens each (read to the end), grammars built to blow the stack
 /// or the clock, 70k `guided_choice` strings, control tokens typed into a chat.
@@ -386,9 +369,9 @@ fn abusive_clients_do_not_starve_normal_ones() {
     let dir = tempfile::tempdir().unwrap();
     let keys_file = dir.path().join("keys.toml");
     let normal: Vec<String> = (0..6)
-        .map(|i| add_key(&keys_file, &format!("normal{i}")))
+        .map(|i| add_key(&keys_file, &format!("normal{i}"), &[]))
         .collect();
-    let bad = add_key(&keys_file, "abuser");
+    let bad = add_key(&keys_file, "abuser", &[]);
     let server = Server::start(&["--api-keys-file", keys_file.to_str().unwrap()]);
     let phase = |with_abusers: bool| -> Vec<Duration> {
         let stop = AtomicBool::new(false);

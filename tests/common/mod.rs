@@ -186,6 +186,25 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// `hearth keys add NAME ARGS... --api-keys-file FILE`; the key it printed.
+pub fn add_key(file: &std::path::Path, name: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["keys", "add", name, "--api-keys-file"])
+        .arg(file)
+        .args(args)
+        .env_remove("HEARTH_API_KEYS_FILE")
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("hk-"), "{key}");
+    key
+}
+
 pub fn chat(content: &str, max_tokens: u64) -> Value {
     json!({
         "model": "SmolLM2-135M-Instruct.Q4_1",
