@@ -21,6 +21,21 @@ fn hearth(args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
+/// `hearth audit verify`'s output when it passed over `lines` lines: its stdout.
+fn verified(out: &Output, lines: usize) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with(&format!("ok: {lines} lines")),
+        "{stdout}"
+    );
+    stdout
+}
+
 fn keys_cmd(file: &Path, args: &[&str]) -> Output {
     let mut all = vec!["keys"];
     all.extend_from_slice(args);
@@ -304,16 +319,9 @@ fn keys_scopes_limits_reload_and_the_audit_chain() {
         .all(|l| l["finish_reasons"] == json!(["length"])));
 
     // The chain verifies; an edited line is found by number.
-    let out = hearth(&["audit", "verify", log.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.starts_with(&format!("ok: {} lines", lines.len())),
-        "{stdout}"
+    verified(
+        &hearth(&["audit", "verify", log.to_str().unwrap()]),
+        lines.len(),
     );
     let edited = text.replacen("\"status\":403", "\"status\":200", 1);
     assert_ne!(edited, text);
@@ -637,17 +645,7 @@ fn keyed_signed_audit_log_names_the_model_and_finds_a_cut_tail() {
         "--public-key",
         public.to_str().unwrap(),
     ];
-    let out = verify(&full);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.starts_with(&format!("ok: {} lines", lines.len())),
-        "{stdout}"
-    );
+    let stdout = verified(&verify(&full), lines.len());
     assert!(stdout.contains("keyed: hmac-sha256 from seq 0"), "{stdout}");
     assert!(stdout.contains("signatures checked"), "{stdout}");
     assert!(stdout.contains("audit.log.checkpoint"), "{stdout}");
